@@ -20,7 +20,7 @@ __all__ = ["main"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("check a COCO file (and its images) or a scenario image folder; exit 1 on defects",
                  "dataengine.data.validate:validate_cli"),
-    "import": ("convert a Pascal VOC or YOLO folder to COCO JSON", "dataengine.data.importers:import_cli"),
+    "import": ("convert a Pascal VOC or YOLO folder to COCO JSON", "dataengine.data.validate:import_cli"),
     "demo": ("generate the synthetic demo dataset (deterministic by seed)", "dataengine.data.demo:demo_cli"),
 }
 
