@@ -107,10 +107,10 @@ class DataParams:
 class ModelParams:
     """A registered model and its arguments (see :func:`dataengine.models.create_model`)."""
 
-    name: str = "resnet18_bifpn_fcos"
+    name: str = "resnet18_bifpn_gfl"
     input_size: int = _range(32, 2048, default=128)
-    width_mult: float = _range(0.1, 4.0, default=1.0)
-    neck_channels: int = _range(8, 1024, default=64)
+    width_mult: float | None = _range(0.1, 4.0, default=None)  # students only; None: the model's default
+    neck_channels: int | None = _range(8, 1024, default=None)  # None: the model's default
     detection: bool = True
     segmentation: bool = True
     pretrained: bool = False
