@@ -220,6 +220,8 @@ def _convert(value: Any, tp: Any, key: str, file: str, meta: typing.Mapping[str,
                 return _convert(value, arg, key, file, meta)
             except ParamsError as err:
                 errors.append(err)
+        if len(errors) == 1:  # Optional[X]: X's own message (it names the allowed range) is the useful one
+            raise ParamsError(f"{errors[0]} (or null)")
         fail()
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

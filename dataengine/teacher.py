@@ -1,0 +1,120 @@
+"""The ``train_teacher`` stage: train the multi-task teacher on general train and score it.
+
+The teacher is evaluated on general val (its own domain) and, as a diagnostic, on the labelled scenario test set:
+the gap between the two is the domain shift the rest of the engine exists to close.
+
+Example:
+    >>> from dataengine.config import load_params
+    >>> params = load_params("params.yaml", ["teacher"]).teacher  # doctest: +SKIP
+    >>> metrics = train_teacher(params, "data/prepared", "models/teacher", "dvclive/teacher")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from dataengine.config import ModelParams, TeacherParams
+from dataengine.data.coco import CategoryMap, load_coco
+from dataengine.data.dataset import CocoDetectionSegDataset, collate
+from dataengine.data.layout import PreparedLayout
+from dataengine.data.transforms import build_transforms
+from dataengine.engine import Trainer
+from dataengine.engine.checkpoint import CheckpointError, load_model
+from dataengine.engine.distributed import is_main_process
+from dataengine.engine.seeding import seed_everything
+from dataengine.inference import evaluate_model
+from dataengine.models import count_gflops, count_params_m, create_model
+
+__all__ = ["build_model", "train_teacher", "fit_resuming"]
+
+
+def build_model(params: ModelParams, num_classes: int, *, segmentation: bool | None = None) -> Any:
+    """Create the model named in ``params`` (``segmentation`` overrides the param, e.g. for box-only data)."""
+    return create_model(
+        params.name,
+        num_classes=num_classes,
+        input_size=params.input_size,
+        width_mult=params.width_mult,
+        neck_channels=params.neck_channels,
+        detection=params.detection,
+        segmentation=params.segmentation if segmentation is None else segmentation,
+        pretrained=params.pretrained,
+    )
+
+
+def fit_resuming(make_trainer: Callable[[], Trainer], out_dir: str | Path, *, resume: bool) -> dict[str, Any]:
+    """Fit, resuming from ``out_dir/last.pt`` when it belongs to this run; otherwise start again cleanly.
+
+    DVC re-runs a stage when its params change, and ``last.pt`` persists across runs (so that a killed run can
+    resume): a checkpoint of another configuration, or a corrupt one, is set aside as ``last.pt.stale`` with a
+    message, and training starts from scratch -- never silently continuing a different run.
+    """
+    last = Path(out_dir) / "last.pt"
+    try:
+        return make_trainer().fit(resume=resume)
+    except CheckpointError as err:
+        if not (resume and last.exists()):
+            raise
+        print(f"not resuming: {err}; starting from scratch (old checkpoint kept as {last.name}.stale)",
+              file=sys.stderr)
+        if is_main_process():
+            last.replace(last.with_name(last.name + ".stale"))
+        return make_trainer().fit(resume=False)
+
+
+def train_teacher(
+    params: TeacherParams,
+    data_root: str | Path,
+    out_dir: str | Path,
+    log_dir: str | Path,
+    *,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the teacher and return ``metrics/teacher.json``'s content (only meaningful on rank 0).
+
+    Segmentation is switched off automatically when the general set has no masks (e.g. BCCD), with a note in
+    the metrics, so one params file serves box-only data too.
+    """
+    layout = PreparedLayout(data_root)
+    train_coco = load_coco(layout.general_train)
+    cats = CategoryMap.from_coco(train_coco)
+    size = params.model.input_size
+    train_set = CocoDetectionSegDataset(train_coco, layout.general_images, build_transforms(params.augment, size, True),
+                                        categories=cats)
+    segmentation = params.model.segmentation and train_set.has_masks
+    val_coco = load_coco(layout.general_val)
+
+    def evaluate(m: Any) -> dict[str, float]:
+        scores = evaluate_model(m, val_coco, layout.general_images, input_size=size)
+        return {k: v for k, v in scores.items() if isinstance(v, float)}
+
+    def make_trainer() -> Trainer:
+        seed_everything(params.train.seed)  # the initial weights are drawn before the trainer seeds its epochs
+        model = build_model(params.model, len(cats), segmentation=segmentation)
+        return Trainer(model, train_set, params.train, out_dir, collate_fn=collate, evaluate_fn=evaluate,
+                       class_names=list(cats.names), input_size=size, log_dir=log_dir, progress=progress,
+                       build_fn=lambda config: create_model(**config))
+
+    start = time.perf_counter()
+    result = fit_resuming(make_trainer, out_dir, resume=resume)
+    if not is_main_process():
+        return {}
+    final, _ = load_model(Path(out_dir) / "model.pt", lambda config: create_model(**config),
+                          class_names=list(cats.names))
+    metrics: dict[str, Any] = {
+        "general_val": evaluate_model(final, val_coco, layout.general_images, input_size=size, progress=progress),
+        "params_m": round(count_params_m(final), 3),
+        "gflops": round(count_gflops(final, size), 4),
+        "train_seconds": round(float(result.get("train_seconds", time.perf_counter() - start)), 1),
+        "epochs": result.get("epochs"),
+        "segmentation": segmentation,
+    }
+    if layout.test_json.exists():
+        metrics["scenario_test"] = evaluate_model(final, load_coco(layout.test_json), layout.test_images,
+                                                  input_size=size, progress=progress)
+    return metrics
