@@ -104,6 +104,8 @@ def train_teacher(
     result = fit_resuming(make_trainer, out_dir, resume=resume)
     if not is_main_process():
         return {}
+    if result.get("resumed_from_epoch") is not None:
+        print(f"train_teacher: resumed from the checkpoint of epoch {result['resumed_from_epoch']}", file=sys.stderr)
     final, _ = load_model(Path(out_dir) / "model.pt", lambda config: create_model(**config),
                           class_names=list(cats.names))
     metrics: dict[str, Any] = {
