@@ -38,6 +38,8 @@ __all__ = [
     "TrainParams",
     "AugmentParams",
     "TeacherParams",
+    "PseudoLabelParams",
+    "FilterParams",
     "Params",
     "load_params",
     "from_dict",
@@ -160,11 +162,43 @@ class TeacherParams:
 
 
 @dataclass(frozen=True)
+class PseudoLabelParams:
+    """The ``pseudo_label`` stage: teacher inference with test-time augmentation over the scenario pool."""
+
+    batch_size: int = _range(1, 1024, default=16)
+    num_workers: int = _range(0, 64, default=1)
+    tta_hflip: bool = True
+    tta_scales: tuple[float, ...] = (1.0,)  # multiples of the model's input size (rounded to a multiple of 32)
+    score_threshold: float = _range(0.0, 1.0, default=0.05)  # raw candidates kept before fusion
+    nms_iou: float = _range(0.0, 1.0, default=0.6)
+    fusion_iou: float = _range(0.0, 1.0, default=0.55)  # weighted box fusion across TTA views
+    max_detections: int = _range(1, 10_000, default=100)
+    chunk_size: int = _range(1, 100_000, default=64)  # images per atomically written output chunk (resume unit)
+    segmentation: bool = True
+
+
+@dataclass(frozen=True)
+class FilterParams:
+    """The ``filter`` stage: calibrated per-class thresholds and accept / review / reject bands."""
+
+    target_precision: float = _range(0.0, 1.0, default=0.9)
+    review_min_probability: float = _range(0.0, 1.0, default=0.2)  # below: reject
+    match_iou: float = _range(0.0, 1.0, default=0.5)  # a val prediction is correct at this IoU with a GT box
+    min_calibration_boxes: int = _range(1, None, default=30)  # fewer for a class: pooled calibration
+    min_box_size: float = _range(0.0, None, default=4.0)  # pixels, shorter side
+    max_per_image: int = _range(1, 10_000, default=50)
+    nms_iou: float = _range(0.0, 1.0, default=0.6)  # class-aware NMS after fusion
+    seg_confidence: float = _range(0.0, 1.0, default=0.7)  # pixels below get the ignore value 255
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections a stage asked for; sections it did not ask for stay ``None``."""
 
     data: DataParams | None = None
     teacher: TeacherParams | None = None
+    pseudo_label: PseudoLabelParams | None = None
+    filter: FilterParams | None = None
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name].__args__[0] for f in dataclasses.fields(Params)}
