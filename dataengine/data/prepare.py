@@ -99,7 +99,14 @@ def _validate_and_clean(layout: PreparedLayout, on_bad: str, progress: bool) -> 
             save_coco(json_path, clean)
             quarantined += [{"split": name, **e} for e in entries]
     if "scenario_pool" in bad:
-        quarantined += [{"split": "scenario_pool", **d} for d in pool_report.to_dict()["defects"]]
+        # Bad pool images are moved out of the pool (the pseudo-labeller lists the folder), not deleted.
+        for defect in pool_report.to_dict()["defects"]:
+            source = layout.pool_images / defect["file"]
+            if source.is_file() or source.is_symlink():
+                target = layout.root / "quarantine" / "pool" / defect["file"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                source.replace(target)
+            quarantined.append({"split": "scenario_pool", **defect})
     if quarantined:
         atomic_write_json(layout.root / "quarantine.json", quarantined)
     return {"bad_entries": sum(len(r.defects) for r in reports.values()), "quarantined": len(quarantined),
@@ -136,7 +143,11 @@ def prepare_data(params: DataParams, out_root: str | Path, *, progress: bool = T
     else:
         _import_user_coco(params.coco, layout)
 
-    checks = _validate_and_clean(layout, params.on_bad, progress)
+    try:
+        checks = _validate_and_clean(layout, params.on_bad, progress)
+    except DataValidationError:
+        shutil.rmtree(partial)  # nothing half-prepared is left behind; the report says what to fix
+        raise
     metrics: dict[str, Any] = {"source": params.source}
     for name, path in (("general_train", layout.general_train), ("general_val", layout.general_val),
                        ("scenario_test", layout.test_json)):
