@@ -75,6 +75,13 @@ def test_atomic_write_success_and_failure(tmp_path: Path) -> None:
             raise RuntimeError("killed mid-write")
     assert read_json(target) == {"a": 1}, "the previous file must survive a failed write"
     assert [p.name for p in target.parent.iterdir()] == ["m.json"], "no temp file left behind"
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask(), "same permissions as a plain open() would give"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_atomic_write_disk_full_leaves_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
