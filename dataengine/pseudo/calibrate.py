@@ -1,0 +1,577 @@
+"""Calibration of the teacher's boxes on general val: ``(score, consistency) -> P(correct)`` and per-class thresholds.
+
+The teacher's predictions on general val (``<pseudo>/val/predictions.json``, written by the ``pseudo_label`` stage)
+are matched to the val ground truth (:func:`dataengine.evaluation.match_predictions`, class-aware, one-to-one,
+``filter.match_iou``), which gives every val box a label *correct / incorrect*. Per class, a calibrator is fitted
+that maps a box's raw ``score`` and TTA ``consistency`` (mean IoU of the views' boxes with the fused box) to the
+probability that the box is correct.
+
+**The calibrator** is a two-step model, chosen because each step fixes the other's weakness:
+
+1. a logistic regression on ``[logit(score), consistency]`` (Platt scaling extended by one feature, Platt 1999)
+   learns *how much* TTA agreement should count next to the score, but forces a sigmoid shape;
+2. an isotonic regression (Zadrozny & Elkan 2002; ``IsotonicRegression(increasing=True, out_of_bounds="clip")``)
+   on the logistic regression's linear output ``z = a * logit(score) + b * consistency + c`` then fits any monotone
+   shape, which is what detector scores need (Niculescu-Mizil & Caruana 2005 find isotonic best once there are a
+   few hundred samples). scikit-learn's isotonic regression is one-dimensional, hence step 1 as the projection.
+
+The result is **monotone in the score** (and in the consistency): ``a`` and ``b`` are kept non-negative -- if the
+fitted ``b`` is negative the regression is refitted on the score alone, if ``a`` is not positive ``z`` falls back to
+``logit(score)`` -- and the isotonic step is non-decreasing. A class whose val boxes are all correct (or all wrong)
+cannot be fitted by logistic regression: ``z = logit(score)`` and the isotonic step gives the constant rate.
+
+**Pooled fallback**: a class with fewer than ``filter.min_calibration_boxes`` val boxes uses one calibrator fitted on
+every class's val boxes (recorded as ``"pooled"`` in ``calibration.json`` and in the metrics).
+
+**Thresholds**: per class, the *lowest* calibrated probability ``t`` (among the class's val boxes' values) such that
+the boxes with ``p >= t`` reach ``filter.target_precision`` both in calibrated precision (the mean of their ``p``)
+and in empirical precision (their fraction correct). For a per-class calibrator fitted on these very boxes the two
+agree (isotonic regression is exactly calibrated on every union of its blocks); for a pooled one the empirical check
+keeps a rare class from inheriting the common classes' precision. A class that never reaches the target, or has no
+val box, gets no threshold (``None``): it accepts nothing and its boxes above ``filter.review_min_probability``
+all go to review. The filter may raise a threshold further so that the *pool* boxes it accepts reach the target in
+estimated precision too (:func:`dataengine.pseudo.filter.pool_thresholds`).
+
+The whole calibration serialises to JSON (:meth:`Calibration.to_dict`): logistic coefficients and the isotonic
+``X``/``y`` thresholds, from which :meth:`Calibrator.predict` reproduces scikit-learn's ``predict`` exactly (linear
+interpolation, clipped at the ends).
+
+Example:
+    >>> import numpy as np
+    >>> from dataengine.config import FilterParams
+    >>> rng = np.random.default_rng(0)
+    >>> scores = rng.uniform(0.05, 1.0, 400)
+    >>> val = ValBoxes(labels=np.zeros(400, dtype=np.int64), scores=scores, consistency=np.ones(400),
+    ...                correct=rng.uniform(size=400) < scores)
+    >>> cal = fit_calibration(val, ["cat"], FilterParams(target_precision=0.8))
+    >>> cal.classes[0].kind, 0.5 < cal.classes[0].threshold < 0.9
+    ('per-class', True)
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+
+from dataengine.boxes import xyxy_to_coco
+from dataengine.config import FilterParams
+from dataengine.data.coco import CategoryMap
+from dataengine.evaluation import match_predictions
+from dataengine.io import atomic_write_bytes, read_json
+
+__all__ = [
+    "Calibrator",
+    "ClassCalibration",
+    "Calibration",
+    "ValBoxes",
+    "load_predictions",
+    "match_val_predictions",
+    "fit_calibrator",
+    "check_predictions",
+    "select_threshold",
+    "fit_calibration",
+    "plot_reliability",
+]
+
+_EPS = 1e-6  # scores are clipped to [eps, 1 - eps] before the logit
+_TOL = 1e-12  # precision comparisons: a mean of exactly 0.9 reaches a target of 0.9
+_BOX_KEYS = ("file_name", "bbox", "label", "score", "consistency")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predictions files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_predictions(path: str | Path) -> dict[str, Any]:
+    """Read and check a ``predictions.json`` of the ``pseudo_label`` stage.
+
+    Checked: the top-level ``images``/``boxes``/``class_names`` lists, unique image file names, and every box's
+    keys, ``file_name`` (one of the images), ``bbox`` (4 finite numbers, ``x2 >= x1``, ``y2 >= y1``), ``label``
+    (``0..K-1``), ``score`` and ``consistency`` (in ``[0, 1]``).
+
+    Args:
+        path: The file.
+
+    Returns:
+        The parsed dict, unchanged.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: A structural problem, naming the file, the box index and the key.
+
+    Example:
+        >>> load_predictions("data/pseudo/val/predictions.json")["class_names"]  # doctest: +SKIP
+        ['circle', 'square', 'triangle', 'star', 'cross']
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predictions file not found: {path} (run the pseudo_label stage first)")
+    data = read_json(path)
+    check_predictions(data, str(path))
+    return data
+
+
+def check_predictions(data: Any, where: str) -> None:
+    """Raise ``ValueError`` if ``data`` is not a valid predictions dict (see :func:`load_predictions`)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object with images, boxes, class_names")
+    for key in ("images", "boxes", "class_names"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{where}: key '{key}' must be a list")
+    names = data["class_names"]
+    if not names or len(set(names)) != len(names) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{where}: 'class_names' must be unique non-empty strings, got {names!r}")
+    files = [img.get("file_name") if isinstance(img, dict) else None for img in data["images"]]
+    if not all(isinstance(f, str) and f for f in files) or len(set(files)) != len(files):
+        raise ValueError(f"{where}: every image needs a unique non-empty 'file_name'")
+    known = set(files)
+    for i, box in enumerate(data["boxes"]):
+        if not isinstance(box, dict) or any(k not in box for k in _BOX_KEYS):
+            raise ValueError(f"{where}: box {i}: expected keys {list(_BOX_KEYS)}, got {box!r}")
+        bbox, label = box["bbox"], box["label"]
+        if box["file_name"] not in known:
+            raise ValueError(f"{where}: box {i}: file_name {box['file_name']!r} is not one of the images")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(_finite(v) for v in bbox)
+                and bbox[2] >= bbox[0] and bbox[3] >= bbox[1]):
+            raise ValueError(f"{where}: box {i} ({box['file_name']}): 'bbox' must be [x1, y1, x2, y2] with "
+                             f"x2 >= x1, y2 >= y1, got {bbox!r}")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(names):
+            raise ValueError(f"{where}: box {i} ({box['file_name']}): 'label' must be an int in 0..{len(names) - 1}, "
+                             f"got {label!r}")
+        for key in ("score", "consistency"):
+            if not (_finite(box[key]) and 0.0 <= box[key] <= 1.0):
+                raise ValueError(f"{where}: box {i} ({box['file_name']}): '{key}' must be in [0, 1], got {box[key]!r}")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Val boxes and their correctness
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValBoxes:
+    """The teacher's val boxes as arrays, with whether each matched a ground-truth object.
+
+    Attributes:
+        labels: int64 ``[N]`` contiguous labels.
+        scores: float ``[N]`` raw scores.
+        consistency: float ``[N]`` TTA consistency.
+        correct: bool ``[N]``.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    consistency: np.ndarray
+    correct: np.ndarray
+
+
+def match_val_predictions(val_predictions: dict[str, Any], val_gt: dict[str, Any], match_iou: float) -> ValBoxes:
+    """Match the teacher's val boxes to the val ground truth (class-aware, one-to-one, at ``match_iou``).
+
+    Args:
+        val_predictions: ``<pseudo>/val/predictions.json``; ``file_name`` relative to ``general/images``.
+        val_gt: General val COCO (``general/val.json``); its categories, by ascending id, must carry the teacher's
+            ``class_names`` in the same order.
+        match_iou: IoU for a match.
+
+    Returns:
+        The boxes in input order and their correctness.
+
+    Raises:
+        ValueError: Class names differ (both lists in the message), or a box's file is not a val image.
+
+    Example:
+        >>> gt = {"images": [{"id": 1, "file_name": "a.png"}], "categories": [{"id": 1, "name": "cat"}],
+        ...       "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]}
+        >>> preds = {"images": [{"file_name": "a.png"}], "class_names": ["cat"], "boxes": [
+        ...     {"file_name": "a.png", "bbox": [0, 0, 10, 10], "label": 0, "score": 0.9, "consistency": 1.0},
+        ...     {"file_name": "a.png", "bbox": [50, 50, 60, 60], "label": 0, "score": 0.4, "consistency": 0.5}]}
+        >>> match_val_predictions(preds, gt, 0.5).correct.tolist()
+        [True, False]
+    """
+    check_predictions(val_predictions, "val predictions")
+    cats = CategoryMap.from_coco(val_gt)
+    if list(cats.names) != list(val_predictions["class_names"]):
+        raise ValueError(f"val ground truth classes {list(cats.names)} differ from the teacher's classes "
+                         f"{val_predictions['class_names']} (the teacher must be trained on this data)")
+    image_ids = {img["file_name"]: img["id"] for img in val_gt["images"]}
+    boxes = val_predictions["boxes"]
+    missing = sorted({b["file_name"] for b in boxes} - set(image_ids))
+    if missing:
+        raise ValueError(f"val predictions on files not in the val ground truth: {missing[:5]}"
+                         f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}")
+    results = [{"image_id": image_ids[b["file_name"]], "category_id": cats.ids[b["label"]],
+                "bbox": xyxy_to_coco(b["bbox"]).tolist(), "score": float(b["score"])} for b in boxes]
+    correct = match_predictions(val_gt, results, iou_threshold=match_iou)
+    return ValBoxes(
+        labels=np.array([b["label"] for b in boxes], dtype=np.int64),
+        scores=np.array([b["score"] for b in boxes], dtype=np.float64),
+        consistency=np.array([b["consistency"] for b in boxes], dtype=np.float64),
+        correct=np.array(correct, dtype=bool),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One calibrator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _logit(scores: np.ndarray) -> np.ndarray:
+    s = np.clip(np.asarray(scores, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(s) - np.log1p(-s)
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """``p = isotonic(a * logit(score) + b * consistency + c)``; see the module docstring.
+
+    Attributes:
+        coef_score: ``a`` (> 0: monotone in the score).
+        coef_consistency: ``b`` (>= 0).
+        intercept: ``c``.
+        iso_x: Isotonic regression's ``X_thresholds_`` (ascending ``z`` values).
+        iso_y: Isotonic regression's ``y_thresholds_`` (non-decreasing probabilities).
+        n_boxes: Val boxes it was fitted on.
+        n_correct: How many of them were correct.
+    """
+
+    coef_score: float
+    coef_consistency: float
+    intercept: float
+    iso_x: tuple[float, ...]
+    iso_y: tuple[float, ...]
+    n_boxes: int
+    n_correct: int
+
+    def predict(self, scores: Sequence[float] | np.ndarray, consistency: Sequence[float] | np.ndarray) -> np.ndarray:
+        """Calibrated probabilities ``[N]`` for ``scores`` ``[N]`` and ``consistency`` ``[N]``."""
+        z = self.coef_score * _logit(scores) + self.coef_consistency * np.asarray(consistency, dtype=np.float64)
+        z = z + self.intercept
+        # IsotonicRegression.predict with out_of_bounds="clip" is linear interpolation between its thresholds,
+        # constant beyond them: exactly np.interp.
+        return np.interp(z, np.asarray(self.iso_x), np.asarray(self.iso_y))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"coef_logit_score": self.coef_score, "coef_consistency": self.coef_consistency,
+                "intercept": self.intercept, "isotonic_x": list(self.iso_x), "isotonic_y": list(self.iso_y),
+                "n_boxes": self.n_boxes, "n_correct": self.n_correct}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibrator:
+        return cls(float(d["coef_logit_score"]), float(d["coef_consistency"]), float(d["intercept"]),
+                   tuple(float(v) for v in d["isotonic_x"]), tuple(float(v) for v in d["isotonic_y"]),
+                   int(d["n_boxes"]), int(d["n_correct"]))
+
+
+def _logistic(features: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, float]:
+    """Logistic regression coefficients in the raw feature space (features standardised for the L2 penalty)."""
+    mean, std = features.mean(axis=0), features.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a constant feature (one TTA view: consistency 1) gets coefficient ~0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # separable data: the direction is still right
+        model = LogisticRegression(C=1.0, max_iter=1000).fit((features - mean) / std, correct)
+    coef = model.coef_[0] / std
+    return coef, float(model.intercept_[0] - (coef * mean).sum())
+
+
+def fit_calibrator(scores: np.ndarray, consistency: np.ndarray, correct: np.ndarray) -> Calibrator:
+    """Fit ``(score, consistency) -> P(correct)`` (logistic projection then isotonic; see the module docstring).
+
+    Args:
+        scores: ``[N]`` raw scores in ``[0, 1]``.
+        consistency: ``[N]`` TTA consistency in ``[0, 1]``.
+        correct: bool ``[N]``.
+
+    Returns:
+        The fitted calibrator.
+
+    Raises:
+        ValueError: No boxes, or arrays of different lengths.
+
+    Example:
+        >>> cal = fit_calibrator(np.array([0.2, 0.4, 0.6, 0.8]), np.ones(4), np.array([False, False, True, True]))
+        >>> cal.predict([0.1, 0.9], [1.0, 1.0]).round(3).tolist()
+        [0.0, 1.0]
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    consistency = np.asarray(consistency, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if not len(scores) == len(consistency) == len(correct):
+        raise ValueError(f"scores, consistency and correct differ in length: {len(scores)}, {len(consistency)}, "
+                         f"{len(correct)}")
+    if len(scores) == 0:
+        raise ValueError("cannot fit a calibrator on no boxes")
+    x_score = _logit(scores)
+    a, b, c = 1.0, 0.0, 0.0  # fallback: z = logit(score)
+    if 0 < correct.sum() < len(correct):
+        coef, c = _logistic(np.column_stack([x_score, consistency]), correct)
+        a, b = float(coef[0]), float(coef[1])
+        if b < 0:  # more agreement across views must never lower P(correct): drop the feature
+            coef, c = _logistic(x_score[:, None], correct)
+            a, b = float(coef[0]), 0.0
+        if a <= 0:  # the score carries no usable signal here; keep the score order rather than invert it
+            a, b, c = 1.0, 0.0, 0.0
+    z = a * x_score + b * consistency + c
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(z, correct.astype(float))
+    return Calibrator(a, b, c, tuple(float(v) for v in iso.X_thresholds_), tuple(float(v) for v in iso.y_thresholds_),
+                      int(len(correct)), int(correct.sum()))
+
+
+def select_threshold(probabilities: np.ndarray, correct: np.ndarray,
+                     target_precision: float) -> tuple[float | None, float | None, float | None, int]:
+    """The lowest ``t`` among ``probabilities`` whose set ``{p >= t}`` reaches the target precision.
+
+    "Reaches" means both the calibrated precision (mean ``p`` of the set) and the empirical precision (fraction
+    correct) are ``>= target_precision``.
+
+    Args:
+        probabilities: ``[N]`` calibrated probabilities of one class's val boxes.
+        correct: bool ``[N]``.
+        target_precision: The precision to reach.
+
+    Returns:
+        ``(threshold, calibrated_precision, empirical_precision, n_accepted)`` of the chosen set, or
+        ``(None, None, None, 0)`` when no threshold reaches the target (or there are no boxes).
+
+    Example:
+        >>> p = np.array([0.95, 0.9, 0.85, 0.6])
+        >>> select_threshold(p, np.array([True, True, True, False]), 0.85)
+        (0.85, 0.9, 1.0, 3)
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    order = np.argsort(-p, kind="stable")
+    p, y = p[order], y[order]
+    cum_p, cum_y = np.cumsum(p), np.cumsum(y)
+    best: tuple[float | None, float | None, float | None, int] = (None, None, None, 0)
+    # Walk the distinct values from high to low; the set {p >= t} ends at the last occurrence of t.
+    for end in range(len(p)):
+        if end + 1 < len(p) and p[end + 1] == p[end]:
+            continue
+        n = end + 1
+        calibrated, empirical = cum_p[end] / n, cum_y[end] / n
+        if calibrated >= target_precision - _TOL and empirical >= target_precision - _TOL:
+            best = (float(p[end]), float(calibrated), float(empirical), n)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-class calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassCalibration:
+    """One class's calibrator, threshold and the val evidence behind them.
+
+    Attributes:
+        name: Class name.
+        kind: ``"per-class"`` or ``"pooled"`` (fewer than ``min_calibration_boxes`` val boxes).
+        calibrator: The calibrator used for this class (the pooled one when ``kind == "pooled"``).
+        threshold: Accept ``p >= threshold``; ``None``: accept nothing.
+        val_boxes: The class's val boxes.
+        val_correct: How many were correct.
+        val_accepted: Val boxes at or above the threshold.
+        val_calibrated_precision: Mean ``p`` of those (``None`` without a threshold).
+        val_empirical_precision: Fraction correct of those (``None`` without a threshold).
+    """
+
+    name: str
+    kind: Literal["per-class", "pooled"]
+    calibrator: Calibrator
+    threshold: float | None
+    val_boxes: int
+    val_correct: int
+    val_accepted: int
+    val_calibrated_precision: float | None
+    val_empirical_precision: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "threshold": self.threshold, "val_boxes": self.val_boxes,
+                "val_correct": self.val_correct, "val_accepted": self.val_accepted,
+                "val_calibrated_precision": self.val_calibrated_precision,
+                "val_empirical_precision": self.val_empirical_precision,
+                "calibrator": None if self.kind == "pooled" else self.calibrator.to_dict()}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every class's calibration, plus the pooled calibrator; what ``calibration.json`` holds.
+
+    Attributes:
+        class_names: The teacher's classes, in label order.
+        classes: One :class:`ClassCalibration` per class, in label order.
+        pooled: The calibrator fitted on all classes' val boxes.
+        target_precision: The target the thresholds were chosen for.
+        match_iou: IoU used to decide correctness on val.
+        min_calibration_boxes: Fewer val boxes than this: pooled calibrator.
+    """
+
+    class_names: tuple[str, ...]
+    classes: tuple[ClassCalibration, ...]
+    pooled: Calibrator
+    target_precision: float
+    match_iou: float
+    min_calibration_boxes: int
+
+    def probability(self, labels: np.ndarray, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
+        """Calibrated ``P(correct)`` ``[N]`` of boxes with contiguous ``labels`` ``[N]``."""
+        labels = np.asarray(labels, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        consistency = np.asarray(consistency, dtype=np.float64)
+        out = np.zeros(len(labels), dtype=np.float64)
+        for label, cls in enumerate(self.classes):
+            mask = labels == label
+            if mask.any():
+                out[mask] = cls.calibrator.predict(scores[mask], consistency[mask])
+        return out
+
+    def thresholds(self) -> np.ndarray:
+        """Per-label accept thresholds ``[K]``; ``inf`` for a class that accepts nothing."""
+        return np.array([math.inf if c.threshold is None else c.threshold for c in self.classes], dtype=np.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "isotonic(a * logit(score) + b * consistency + c), see dataengine.pseudo.calibrate",
+                "target_precision": self.target_precision, "match_iou": self.match_iou,
+                "min_calibration_boxes": self.min_calibration_boxes, "class_names": list(self.class_names),
+                "pooled": self.pooled.to_dict(), "classes": {c.name: c.to_dict() for c in self.classes}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Calibration:
+        """Rebuild a calibration from :meth:`to_dict`'s output (e.g. ``calibration.json``)."""
+        pooled = Calibrator.from_dict(d["pooled"])
+        classes = []
+        for name in d["class_names"]:
+            c = d["classes"][name]
+            calibrator = pooled if c["kind"] == "pooled" else Calibrator.from_dict(c["calibrator"])
+            classes.append(ClassCalibration(name, c["kind"], calibrator, c["threshold"], c["val_boxes"],
+                                            c["val_correct"], c["val_accepted"], c["val_calibrated_precision"],
+                                            c["val_empirical_precision"]))
+        return cls(tuple(d["class_names"]), tuple(classes), pooled, float(d["target_precision"]),
+                   float(d["match_iou"]), int(d["min_calibration_boxes"]))
+
+
+def fit_calibration(val: ValBoxes, class_names: Sequence[str], params: FilterParams) -> Calibration:
+    """Fit every class's calibrator (or the pooled one) and threshold on the val boxes.
+
+    Args:
+        val: The val boxes with correctness (:func:`match_val_predictions`).
+        class_names: The teacher's classes, in label order.
+        params: ``target_precision``, ``min_calibration_boxes`` and ``match_iou`` (recorded) are used.
+
+    Returns:
+        The calibration.
+
+    Raises:
+        ValueError: No val boxes at all (the teacher found nothing on val: nothing to calibrate on), or a label
+            outside ``class_names``.
+
+    Example:
+        >>> val = ValBoxes(np.array([0, 0]), np.array([0.9, 0.2]), np.ones(2), np.array([True, False]))
+        >>> cal = fit_calibration(val, ["cat", "dog"], FilterParams(min_calibration_boxes=1))
+        >>> [c.kind for c in cal.classes], cal.classes[0].threshold, cal.classes[1].threshold
+        (['per-class', 'pooled'], 1.0, None)
+    """
+    names = tuple(class_names)
+    if len(val.labels) == 0:
+        raise ValueError("the teacher has no box on general val: nothing to calibrate the filter on")
+    if val.labels.min() < 0 or val.labels.max() >= len(names):
+        raise ValueError(f"val box labels must be in 0..{len(names) - 1} for classes {list(names)}")
+    pooled = fit_calibrator(val.scores, val.consistency, val.correct)
+    classes = []
+    for label, name in enumerate(names):
+        mask = val.labels == label
+        n = int(mask.sum())
+        kind: Literal["per-class", "pooled"] = "per-class" if n >= params.min_calibration_boxes else "pooled"
+        calibrator = fit_calibrator(val.scores[mask], val.consistency[mask], val.correct[mask]) \
+            if kind == "per-class" else pooled
+        p = calibrator.predict(val.scores[mask], val.consistency[mask])
+        threshold, calibrated, empirical, accepted = select_threshold(p, val.correct[mask], params.target_precision)
+        classes.append(ClassCalibration(name, kind, calibrator, threshold, n, int(val.correct[mask].sum()),
+                                        accepted, calibrated, empirical))
+    return Calibration(names, tuple(classes), pooled, params.target_precision, params.match_iou,
+                       params.min_calibration_boxes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reliability plot
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _reliability(prob: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean probability, accuracy and count per non-empty bin of ``[0, 1]``."""
+    idx = np.minimum((prob * bins).astype(int), bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    mean_p = np.bincount(idx, weights=prob, minlength=bins)
+    acc = np.bincount(idx, weights=correct.astype(float), minlength=bins)
+    keep = count > 0
+    return mean_p[keep] / count[keep], acc[keep] / count[keep], count[keep]
+
+
+def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, *, bins: int = 10) -> None:
+    """Write a reliability diagram PNG: per class (and all classes), accuracy against calibrated ``p`` in bins.
+
+    Each panel shows the calibrated probability (blue, marker area ~ box count) and the raw score (grey) against
+    the empirical accuracy of their bin, the diagonal, and the class's accept threshold (red line). On the val data
+    the calibrators were fitted on, the blue points sit on the diagonal by construction; the grey ones show what
+    calibration corrected.
+
+    Args:
+        calibration: The fitted calibration.
+        val: The val boxes it was fitted on.
+        path: PNG to write (atomically).
+        bins: Equal-width bins of ``[0, 1]``.
+
+    Example:
+        >>> plot_reliability(cal, val, "data/filtered/reliability.png")  # doctest: +SKIP
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: never open a window from a pipeline stage
+    import matplotlib.pyplot as plt
+
+    panels = [(c.name, f"{c.kind}, n={c.val_boxes}", val.labels == i, c.threshold)
+              for i, c in enumerate(calibration.classes)]
+    panels.append(("all classes", f"n={len(val.labels)}", np.ones(len(val.labels), dtype=bool), None))
+    prob = calibration.probability(val.labels, val.scores, val.consistency)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
+    for ax, (name, subtitle, mask, threshold) in zip(axes.flat, panels):
+        ax.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=1)
+        if mask.any():
+            x, acc, n = _reliability(val.scores[mask], val.correct[mask], bins)
+            ax.scatter(x, acc, s=10 + 90 * n / n.max(), color="grey", alpha=0.6, label="raw score")
+            x, acc, n = _reliability(prob[mask], val.correct[mask], bins)
+            ax.plot(x, acc, color="tab:blue", linewidth=1)
+            ax.scatter(x, acc, s=10 + 90 * n / n.max(), color="tab:blue", label="calibrated p")
+        if threshold is not None:
+            ax.axvline(threshold, color="tab:red", linewidth=1, label=f"threshold {threshold:.2f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="predicted probability", ylabel="fraction correct on val",
+               title=f"{name} ({subtitle})")
+        if ax.get_legend_handles_labels()[0]:  # an empty panel (a class with no val box) has nothing to label
+            ax.legend(loc="upper left", fontsize=8)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"Reliability on general val (match IoU {calibration.match_iou}, "
+                 f"target precision {calibration.target_precision})")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

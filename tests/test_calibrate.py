@@ -1,0 +1,197 @@
+"""Calibration of the teacher's val boxes: known-truth synthetic data, hand-checkable thresholds, pooled fallback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.isotonic import IsotonicRegression
+
+from dataengine.config import FilterParams
+from dataengine.pseudo.calibrate import (
+    Calibration,
+    ValBoxes,
+    fit_calibration,
+    fit_calibrator,
+    load_predictions,
+    match_val_predictions,
+    plot_reliability,
+    select_threshold,
+)
+
+
+def _synthetic(n: int, seed: int, truth=lambda s, c: s**2, label: int = 0) -> ValBoxes:
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(0.0, 1.0, n)
+    consistency = rng.uniform(0.3, 1.0, n)
+    correct = rng.uniform(size=n) < truth(scores, consistency)
+    return ValBoxes(np.full(n, label, dtype=np.int64), scores, consistency, correct)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Calibrator
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_calibrated_probability_matches_known_truth_in_middle_bins() -> None:
+    val = _synthetic(4000, seed=0)  # P(correct) = score^2, consistency is noise
+    cal = fit_calibrator(val.scores, val.consistency, val.correct)
+    p = cal.predict(val.scores, val.consistency)
+    for lo in np.arange(0.3, 0.8, 0.1):
+        in_bin = (val.scores >= lo) & (val.scores < lo + 0.1)
+        assert abs(p[in_bin].mean() - (val.scores[in_bin] ** 2).mean()) < 0.1, lo
+    # Fresh data from the same law: the calibration generalises, not only fits.
+    test = _synthetic(4000, seed=1)
+    p_test = cal.predict(test.scores, test.consistency)
+    in_mid = (test.scores >= 0.3) & (test.scores < 0.8)
+    assert abs(p_test[in_mid].mean() - (test.scores[in_mid] ** 2).mean()) < 0.03
+
+
+def test_calibrator_is_monotone_in_score_and_uses_consistency() -> None:
+    val = _synthetic(4000, seed=2, truth=lambda s, c: s * c)  # agreement across views matters
+    cal = fit_calibrator(val.scores, val.consistency, val.correct)
+    assert cal.coef_score > 0 and cal.coef_consistency > 0
+    grid = np.linspace(0.0, 1.0, 201)
+    for c in (0.3, 0.6, 1.0):
+        assert np.all(np.diff(cal.predict(grid, np.full_like(grid, c))) >= 0)
+    assert cal.predict([0.7], [1.0])[0] > cal.predict([0.7], [0.3])[0]
+
+
+def test_negative_consistency_effect_is_dropped_to_stay_monotone() -> None:
+    val = _synthetic(3000, seed=3, truth=lambda s, c: s * (1.3 - c))  # consistency *lowers* P(correct) here
+    cal = fit_calibrator(val.scores, val.consistency, val.correct)
+    assert cal.coef_consistency == 0.0 and cal.coef_score > 0
+
+
+def test_single_outcome_class_gives_constant_probability() -> None:
+    cal = fit_calibrator(np.array([0.3, 0.6, 0.9]), np.ones(3), np.array([True, True, True]))
+    assert cal.predict([0.01, 0.5, 0.99], [1.0, 1.0, 1.0]).tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="no boxes"):
+        fit_calibrator(np.array([]), np.array([]), np.array([], dtype=bool))
+
+
+def test_predict_reproduces_sklearn_isotonic_and_survives_json() -> None:
+    val = _synthetic(500, seed=4)
+    cal = fit_calibrator(val.scores, val.consistency, val.correct)
+    logit = np.log(np.clip(val.scores, 1e-6, 1 - 1e-6) / (1 - np.clip(val.scores, 1e-6, 1 - 1e-6)))
+    z = cal.coef_score * logit + cal.coef_consistency * val.consistency + cal.intercept
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(z, val.correct)
+    grid_s, grid_c = np.linspace(0, 1, 57), np.linspace(0.2, 1, 57)
+    z_grid = cal.coef_score * np.log(np.clip(grid_s, 1e-6, 1 - 1e-6) / (1 - np.clip(grid_s, 1e-6, 1 - 1e-6)))
+    z_grid = z_grid + cal.coef_consistency * grid_c + cal.intercept
+    np.testing.assert_allclose(cal.predict(grid_s, grid_c), iso.predict(z_grid), atol=1e-12)
+
+    calibration = fit_calibration(val, ["cat"], FilterParams(min_calibration_boxes=10))
+    again = Calibration.from_dict(json.loads(json.dumps(calibration.to_dict())))
+    assert again == calibration
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Thresholds
+# ---------------------------------------------------------------------------------------------------------------
+
+P10 = np.array([0.99, 0.97, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3])
+
+
+def test_threshold_is_lowest_reaching_target_calibrated_limit() -> None:
+    # Cumulative mean p: .99 .98 .97 .96 .948 .932 .913 .886 .843 .789 -> 0.9 is reached down to t = 0.8 (7 boxes).
+    correct = np.array([True] * 8 + [False] * 2)
+    t, calibrated, empirical, n = select_threshold(P10, correct, 0.9)
+    assert (t, n, empirical) == (0.8, 7, 1.0)
+    assert calibrated == pytest.approx(6.39 / 7)
+
+
+def test_threshold_empirical_check_is_enforced() -> None:
+    # The 0.9 box is wrong: empirical precision 4/5, 5/6, 6/7 for t = 0.9, 0.85, 0.8 -> only t = 0.93 (4/4) passes.
+    correct = np.array([True, True, True, True, False, True, True, True, False, False])
+    t, _, empirical, n = select_threshold(P10, correct, 0.9)
+    assert (t, n, empirical) == (0.93, 4, 1.0)
+    # At 0.85: t = 0.7 gives mean p .886 and 7/8 = .875 correct; t = 0.5 gives mean p .843.
+    assert select_threshold(P10, correct, 0.85)[0] == 0.7
+
+
+def test_threshold_ties_enter_together_and_unreachable_is_none() -> None:
+    p = np.array([0.95, 0.9, 0.9, 0.6])
+    assert select_threshold(p, np.array([True, True, False, True]), 0.9)[0] == 0.95  # {0.9, 0.9} brings 2/3 correct
+    assert select_threshold(np.array([0.5, 0.4]), np.array([True, True]), 0.9) == (None, None, None, 0)
+    assert select_threshold(np.array([]), np.array([], dtype=bool), 0.9) == (None, None, None, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-class calibration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_rare_class_uses_pooled_calibrator_and_empty_class_accepts_nothing() -> None:
+    common = _synthetic(600, seed=5, label=0)
+    rare = _synthetic(12, seed=6, label=1)
+    val = ValBoxes(*(np.concatenate([getattr(common, f), getattr(rare, f)])
+                     for f in ("labels", "scores", "consistency", "correct")))
+    cal = fit_calibration(val, ["cat", "dog", "eel"], FilterParams(min_calibration_boxes=30, target_precision=0.8))
+    cat, dog, eel = cal.classes
+    assert (cat.kind, dog.kind, eel.kind) == ("per-class", "pooled", "pooled")
+    assert dog.calibrator is cal.pooled and cat.calibrator is not cal.pooled
+    assert (cat.val_boxes, dog.val_boxes, eel.val_boxes) == (600, 12, 0)
+    assert eel.threshold is None and eel.val_accepted == 0
+    assert cat.threshold is not None and cat.val_calibrated_precision >= 0.8 and cat.val_empirical_precision >= 0.8
+    assert cal.to_dict()["classes"]["dog"]["calibrator"] is None  # pooled: stored once, under "pooled"
+    assert np.isinf(cal.thresholds()[2])
+    with pytest.raises(ValueError, match="no box on general val"):
+        fit_calibration(ValBoxes(*(np.array([]),) * 4), ["cat"], FilterParams())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matching val predictions, files, plot
+# ---------------------------------------------------------------------------------------------------------------
+
+VAL_GT = {
+    "images": [{"id": 10, "file_name": "val/a.png", "width": 50, "height": 50},
+               {"id": 11, "file_name": "val/b.png", "width": 50, "height": 50}],
+    "annotations": [{"id": 1, "image_id": 10, "category_id": 4, "bbox": [0, 0, 10, 10]},
+                    {"id": 2, "image_id": 11, "category_id": 9, "bbox": [20, 20, 10, 10]}],
+    "categories": [{"id": 4, "name": "cat"}, {"id": 9, "name": "dog"}],
+}
+
+
+def _box(file_name: str, bbox: list[float], label: int, score: float) -> dict:
+    return {"file_name": file_name, "bbox": bbox, "label": label, "score": score, "consistency": 0.9}
+
+
+def test_match_val_predictions_is_class_aware_and_one_to_one() -> None:
+    preds = {"images": [{"file_name": "val/a.png"}, {"file_name": "val/b.png"}], "class_names": ["cat", "dog"],
+             "boxes": [_box("val/a.png", [0, 0, 10, 10], 0, 0.9),    # cat on cat: correct
+                       _box("val/a.png", [0, 0, 10, 10], 0, 0.8),    # duplicate: wrong
+                       _box("val/b.png", [20, 20, 30, 30], 0, 0.7),  # cat on dog: wrong class
+                       _box("val/b.png", [20, 20, 30, 29], 1, 0.6)]} # dog, IoU 0.9: correct
+    val = match_val_predictions(preds, VAL_GT, 0.5)
+    assert val.correct.tolist() == [True, False, False, True]
+    assert val.labels.tolist() == [0, 0, 0, 1]
+    with pytest.raises(ValueError, match=r"\['cat', 'dog'\].*\['dog', 'cat'\]"):
+        match_val_predictions({**preds, "class_names": ["dog", "cat"]}, VAL_GT, 0.5)
+    with pytest.raises(ValueError, match="val/c.png"):
+        match_val_predictions({**preds, "images": [{"file_name": "val/c.png"}],
+                               "boxes": [_box("val/c.png", [0, 0, 1, 1], 0, 0.5)]}, VAL_GT, 0.5)
+
+
+def test_load_predictions_names_the_bad_box(tmp_path: Path) -> None:
+    path = tmp_path / "predictions.json"
+    good = {"images": [{"file_name": "a.png"}], "class_names": ["cat"], "boxes": [_box("a.png", [0, 0, 5, 5], 0, 0.5)]}
+    path.write_text(json.dumps(good))
+    assert load_predictions(path) == good
+    for bad, message in [({"label": 1}, "box 0.*'label'"), ({"bbox": [5, 0, 0, 5]}, "box 0.*x2 >= x1"),
+                         ({"score": 1.5}, "box 0.*'score'"), ({"file_name": "z.png"}, "z.png")]:
+        path.write_text(json.dumps({**good, "boxes": [{**good["boxes"][0], **bad}]}))
+        with pytest.raises(ValueError, match=message):
+            load_predictions(path)
+    with pytest.raises(FileNotFoundError, match="pseudo_label"):
+        load_predictions(tmp_path / "missing.json")
+
+
+def test_reliability_plot_is_written(tmp_path: Path) -> None:
+    val = _synthetic(300, seed=7)
+    cal = fit_calibration(val, ["cat", "dog"], FilterParams(min_calibration_boxes=30))
+    plot_reliability(cal, val, tmp_path / "rel.png")
+    data = (tmp_path / "rel.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
