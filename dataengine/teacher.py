@@ -49,11 +49,19 @@ def build_model(params: ModelParams, num_classes: int, *, segmentation: bool | N
 def fit_resuming(make_trainer: Callable[[], Trainer], out_dir: str | Path, *, resume: bool) -> dict[str, Any]:
     """Fit, resuming from ``out_dir/last.pt`` when it belongs to this run; otherwise start again cleanly.
 
-    DVC re-runs a stage when its params change, and ``last.pt`` persists across runs (so that a killed run can
-    resume): a checkpoint of another configuration, or a corrupt one, is set aside as ``last.pt.stale`` with a
-    message, and training starts from scratch -- never silently continuing a different run.
+    DVC re-runs a stage when its code, data or params change, and ``last.pt`` persists across runs (so that a
+    killed run can resume). Only an unfinished run is continued: the checkpoint of a finished run, of another
+    configuration, or a corrupt one is set aside as ``last.pt.stale`` with a message, and training starts from
+    scratch -- never silently continuing a different run.
     """
-    last = Path(out_dir) / "last.pt"
+    last, final = Path(out_dir) / "last.pt", Path(out_dir) / "model.pt"
+    if resume and last.exists() and final.exists() and final.stat().st_mtime >= last.stat().st_mtime:
+        # The previous run finished (model.pt is written last). DVC re-runs a finished stage only because its code,
+        # data or params changed, so continuing that run would silently keep the old weights: start again.
+        print(f"previous run in {out_dir} finished; training from scratch (old checkpoint kept as last.pt.stale)",
+              file=sys.stderr)
+        if is_main_process():
+            last.replace(last.with_name(last.name + ".stale"))
     try:
         return make_trainer().fit(resume=resume)
     except CheckpointError as err:

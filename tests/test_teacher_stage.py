@@ -82,8 +82,21 @@ def test_changed_params_restart_instead_of_resuming(tiny_data: Path, tmp_path: P
     first = subprocess.run(_cmd(_params(tmp_path, epochs=1), tiny_data, tmp_path), env=ENV, capture_output=True,
                            text=True, timeout=600)
     assert first.returncode == 0, first.stderr
+    (tmp_path / "teacher" / "model.pt").unlink()  # as if the run had been killed after its last checkpoint
     second = subprocess.run(_cmd(_params(tmp_path, epochs=2), tiny_data, tmp_path), env=ENV, capture_output=True,
                             text=True, timeout=600)
     assert second.returncode == 0, second.stderr
     assert "not resuming" in second.stderr and (tmp_path / "teacher" / "last.pt.stale").exists()
     assert json.loads((tmp_path / "teacher.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_finished_run_is_not_resumed(tiny_data: Path, tmp_path: Path) -> None:
+    """A re-run after a finished run (DVC re-runs it because code or data changed) must train again."""
+    cmd = _cmd(_params(tmp_path, epochs=1), tiny_data, tmp_path)
+    assert subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600).returncode == 0
+    again = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert "previous run" in again.stderr and "finished; training from scratch" in again.stderr
+    assert "resumed from" not in again.stderr
+    assert json.loads((tmp_path / "teacher.json").read_text())["epochs"] == 1
