@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                  "dataengine.data.validate:validate_cli"),
     "import": ("convert a Pascal VOC or YOLO folder to COCO JSON", "dataengine.data.validate:import_cli"),
     "demo": ("generate the synthetic demo dataset (deterministic by seed)", "dataengine.data.demo:demo_cli"),
+    "review": ("push pseudo-labels to FiftyOne / Label Studio and pull reviewers' decisions",
+               "dataengine.review.cli:review_cli"),
     "profile": ("run the pipeline with a params profile (e.g. bccd) as a DVC experiment",
                 "dataengine.profiles:profile_cli"),
 }

@@ -40,6 +40,8 @@ __all__ = [
     "TeacherParams",
     "PseudoLabelParams",
     "FilterParams",
+    "LabelStudioParams",
+    "ReviewParams",
     "Params",
     "load_params",
     "from_dict",
@@ -192,6 +194,31 @@ class FilterParams:
 
 
 @dataclass(frozen=True)
+class LabelStudioParams:
+    """``review.labelstudio``: the Label Studio project the review queue goes to.
+
+    The server URL and API key are *not* params: they come from ``LABEL_STUDIO_URL`` and ``LABEL_STUDIO_API_KEY``
+    (a key in a params file ends up in git and in DVC's lock file).
+    """
+
+    project_title: str = "dataengine review"  # the project is found (or created) by this title
+    max_tasks: int = _range(0, None, default=0)  # images pushed, highest risk first; 0 = every image of the queue
+    masks: bool = True  # send the soft segmentation as brushlabels predictions too
+
+
+@dataclass(frozen=True)
+class ReviewParams:
+    """Human review in the FiftyOne App and Label Studio, and the ``review`` stage that applies the decisions."""
+
+    dataset_name: str = "dataengine-review"  # the persistent FiftyOne dataset
+    app_address: str = "127.0.0.1"  # the App binds here; 0.0.0.0 exposes it to the network
+    app_port: int = _range(1024, 65535, default=5151)
+    confident_reject_score: float = _range(0.0, 1.0, default=0.5)  # "rejected but confident" view: raw score >= this
+    hard_negative_score: float = _range(0.0, 1.0, default=0.5)  # "likely hard negatives": no accepted box, teacher >= this
+    labelstudio: LabelStudioParams = LabelStudioParams()
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections a stage asked for; sections it did not ask for stay ``None``."""
 
@@ -199,6 +226,7 @@ class Params:
     teacher: TeacherParams | None = None
     pseudo_label: PseudoLabelParams | None = None
     filter: FilterParams | None = None
+    review: ReviewParams | None = None
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name].__args__[0] for f in dataclasses.fields(Params)}

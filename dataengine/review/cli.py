@@ -1,0 +1,62 @@
+"""``dataengine review``: push the pipeline's pseudo-labels to the review tools and pull the decisions back.
+
+::
+
+    dataengine review open                 # build/update the FiftyOne dataset, launch the App on 127.0.0.1
+    dataengine review pull                 # FiftyOne tags and edits -> data/review/decisions.json
+    dataengine review labelstudio push     # review queue -> a Label Studio project (LABEL_STUDIO_URL / _API_KEY)
+    dataengine review labelstudio pull     # Label Studio annotations -> data/review/decisions.json
+
+Then ``dvc repro`` re-runs the ``review`` stage (and everything downstream) when the decisions changed.
+Each action lives in its adapter module and is imported only when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+__all__ = ["review_cli", "add_common_args"]
+
+ACTIONS: dict[str, tuple[str, str]] = {
+    "open": ("build or update the FiftyOne dataset and launch the App", "dataengine.review.fiftyone_app:open_cli"),
+    "pull": ("write the FiftyOne reviewers' tags and edits to the decisions file",
+             "dataengine.review.fiftyone_app:pull_cli"),
+    "labelstudio push": ("send the review queue to a Label Studio project", "dataengine.review.labelstudio:push_cli"),
+    "labelstudio pull": ("merge the Label Studio annotations into the decisions file",
+                         "dataengine.review.labelstudio:pull_cli"),
+}
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The pipeline paths every review action reads (defaults: the paths of ``dvc.yaml``)."""
+    parser.add_argument("--params", default="params.yaml", help="params file with the review section "
+                        "(default: %(default)s)")
+    parser.add_argument("--filtered", default="data/filtered", help="filter stage output (default: %(default)s)")
+    parser.add_argument("--pseudo", default="data/pseudo", help="pseudo_label stage output (default: %(default)s)")
+    parser.add_argument("--data", default="data/prepared", help="prepare stage output (default: %(default)s)")
+    parser.add_argument("--decisions", default="data/review/decisions.json",
+                        help="the versioned decisions file (default: %(default)s)")
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module_name, func_name = target.split(":")
+    module = __import__(module_name, fromlist=[func_name])
+    return getattr(module, func_name)
+
+
+def review_cli(argv: list[str]) -> int:
+    """Dispatch ``dataengine review ACTION [options]``."""
+    usage = "\n".join(f"  {name:<18} {help_text}" for name, (help_text, _) in ACTIONS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: dataengine review ACTION [options]\n\nactions:\n{usage}\n\n"
+              "Run `dataengine review ACTION --help` for an action's options.")
+        return 0 if argv else 2
+    name = " ".join(argv[:2]) if argv[0] == "labelstudio" else argv[0]
+    rest = argv[2:] if argv[0] == "labelstudio" else argv[1:]
+    if name not in ACTIONS:
+        print(f"dataengine review: unknown action {' '.join(argv[:2])!r}; choose from: {', '.join(ACTIONS)}",
+              file=sys.stderr)
+        return 2
+    return int(_resolve(ACTIONS[name][1])(rest) or 0)
