@@ -48,6 +48,7 @@ class ReviewInputs:
     raw: list[dict[str, Any]]  # the teacher's fused TTA output, every box (records without probability/risk)
     seg_root: Path | None  # folder of predictions' "seg" paths (label / confidence / uncertainty PNGs)
     semantic_root: Path | None  # filtered semantic masks (255 = ignored pixel), per image "semantic_file"
+    model_version: str = "teacher"  # "teacher-<first 12 hex of the pseudo-labels' fingerprint>"
     general: dict[str, Path] = field(default_factory=dict)  # split -> COCO file (file_name relative to general_root)
     general_root: Path | None = None
 
@@ -126,6 +127,7 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
         raw=raw,
         seg_root=pseudo / "pool",
         semantic_root=semantic_root,
+        model_version=f"teacher-{str(predictions.get('fingerprint', ''))[:12]}",
         general=general,
         general_root=layout.general_images if general else None,
     )
