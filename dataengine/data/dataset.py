@@ -103,6 +103,9 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         with_instance_masks: Add ``target["masks"]`` (an annotation without ``segmentation`` gets its box filled).
         with_semantic: Build the semantic target; if ``False`` it is all 255 and ``has_semantic`` is False.
         image_weights: Optional per-image weight by image id (e.g. for hard negatives), put in ``target["weight"]``.
+        semantic_root: Folder the ``semantic_file`` entries are relative to. Default: the file's top-level
+            ``"semantic_root"`` (relative to the COCO file's folder; the filter and review stages write masks
+            beside their COCO file, as the pool images are another stage's output) or else ``image_root``.
 
     Semantic target, in order of preference: the image's ``semantic_file``; otherwise, if the dataset has any mask
     (a ``segmentation`` or a ``semantic_file`` anywhere), the instance masks rasterised with crowd regions as
@@ -126,9 +129,16 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         with_instance_masks: bool = False,
         with_semantic: bool = True,
         image_weights: dict[int, float] | None = None,
+        semantic_root: str | Path | None = None,
     ) -> None:
         self.coco = load_coco(coco) if isinstance(coco, (str, Path)) else coco
         self.image_root = Path(image_root)
+        if semantic_root is None and self.coco.get("semantic_root"):
+            if not isinstance(coco, (str, Path)):
+                raise ValueError("this COCO dict has a 'semantic_root' relative to its file: pass the file's path, "
+                                 "or semantic_root=")
+            semantic_root = safe_join(Path(coco).parent, self.coco["semantic_root"])
+        self.semantic_root = Path(semantic_root) if semantic_root is not None else self.image_root
         self.transforms = transforms
         self.categories = categories if categories is not None else CategoryMap.from_coco(self.coco)
         self.with_instance_masks = with_instance_masks
@@ -208,7 +218,7 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         if not self.with_semantic or not self.has_masks:
             return np.full((h, w), IGNORE_INDEX, dtype=np.uint8), False
         if info.get("semantic_file"):
-            return read_semantic_file(safe_join(self.image_root, info["semantic_file"]), h, w, self._lut), True
+            return read_semantic_file(safe_join(self.semantic_root, info["semantic_file"]), h, w, self._lut), True
         sem = semantic_from_instances([a for a in anns if a.get("segmentation")], h, w, self.categories)
         unknown = np.zeros((h, w), dtype=bool)
         for ann in anns:

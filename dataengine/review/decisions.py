@@ -15,6 +15,8 @@ Schema (``version`` 1)::
           "decision": "accept" | "reject" | "correct",
           "bbox": [x1, y1, x2, y2],                 # "correct" only: the corrected box, original pixels
           "class_name": "circle",                   # "correct" only: the corrected class
+          "original": {"bbox": [...], "class_name": "square"},  # what the reviewer saw (optional): lets the
+                                                    # review stage notice a decision made on another teacher's box
           "source": "fiftyone" | "labelstudio",
           "user": "ann@example.com" | null,         # who, where the tool knows it
           "time": "2026-11-23T10:00:00Z" | null     # when, where the tool knows it (else: first pulled)
@@ -76,6 +78,7 @@ __all__ = [
     "dumps_decisions",
     "write_decisions",
     "merge_pulled",
+    "attach_originals",
     "utc_now",
     "label_id",
     "split_label_id",
@@ -140,6 +143,7 @@ def label_decision(
     class_name: str | None = None,
     user: str | None = None,
     time: str | None = None,
+    original: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build one label entry (validated; boxes rounded to 0.01 px so re-pulls compare equal).
 
@@ -152,10 +156,29 @@ def label_decision(
     if decision == "correct":
         entry["bbox"] = bbox
         entry["class_name"] = class_name
+    if original is not None:
+        entry["original"] = {"bbox": original.get("bbox"), "class_name": original.get("class_name")}
     _check_label(entry, f"label of {file_name}")
     if decision == "correct":
         entry["bbox"] = _box(bbox, f"label of {file_name}")  # type: ignore[arg-type]
+    if original is not None:
+        entry["original"]["bbox"] = _box(original["bbox"], f"label of {file_name}: original")
     return entry
+
+
+def attach_originals(pulled: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Return a copy of ``pulled`` whose label entries carry ``original`` (box and class) from ``records``.
+
+    Args:
+        pulled: ``{"labels": {...}, "images": {...}}`` as a review adapter builds it.
+        records: Record by label id (every band of :class:`~dataengine.review.inputs.ReviewInputs`).
+    """
+    out = copy.deepcopy(dict(pulled))
+    for lid, entry in out.get("labels", {}).items():
+        record = records.get(lid)
+        if record is not None and "original" not in entry:
+            entry["original"] = {"bbox": _box(record["bbox"], lid), "class_name": record["class_name"]}
+    return out
 
 
 def image_decision(
@@ -199,6 +222,11 @@ def _check_label(entry: Mapping[str, Any], where: str) -> None:
         _box(entry.get("bbox"), where)  # type: ignore[arg-type]
         if not isinstance(entry.get("class_name"), str) or not entry["class_name"]:
             raise DecisionsError(f"{where}: a 'correct' decision needs 'class_name' (the corrected class)")
+    original = entry.get("original")
+    if original is not None:
+        if not isinstance(original, Mapping) or not isinstance(original.get("class_name"), str):
+            raise DecisionsError(f"{where}: 'original' must be {{'bbox', 'class_name'}}, got {original!r}")
+        _box(original.get("bbox"), f"{where}: original")  # type: ignore[arg-type]
     _check_meta(entry, where)
 
 

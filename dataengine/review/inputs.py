@@ -52,6 +52,14 @@ class ReviewInputs:
     general: dict[str, Path] = field(default_factory=dict)  # split -> COCO file (file_name relative to general_root)
     general_root: Path | None = None
 
+    def records_by_id(self) -> dict[str, dict[str, Any]]:
+        """Every filtered label (accepted, review, rejected) by id, each with its ``band``."""
+        out: dict[str, dict[str, Any]] = {}
+        for band in ("accepted", "review", "rejected"):
+            for record in getattr(self, band):
+                out[record["id"]] = {**record, "band": band}
+        return out
+
     def by_image(self, band: str) -> dict[str, list[dict[str, Any]]]:
         """Records of ``band`` ("accepted", "review", "rejected" or "raw") grouped by ``file_name``."""
         grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
