@@ -50,6 +50,26 @@ PY
     touch "$stamp"
 fi
 
+# What the review tests start, like a database: a real Label Studio server (its Django pins live in a venv of their
+# own) and Debian's headless Chromium for the FiftyOne App. Installed for `test` only; `repro` does not need them.
+install_review_servers() {
+    local ls_venv="${LABEL_STUDIO_VENV:-.venv-labelstudio}"
+    if [ ! -x "$ls_venv/bin/label-studio" ]; then
+        log "installing the Label Studio server into $ls_venv (the first time takes a few minutes)"
+        "$PYTHON" -m venv "$ls_venv"
+        "$ls_venv/bin/python" -m pip --disable-pip-version-check install -q "label-studio>=1.20" \
+            2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    fi
+    if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            log "installing Debian's chromium (headless browser for the FiftyOne App test)"
+            apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+        else
+            log "chromium not found and not root: install it (sudo apt-get install chromium) or the App test is skipped"
+        fi
+    fi
+}
+
 export PATH="$PWD/$VENV/bin:$PATH"
 export FIFTYONE_DO_NOT_TRACK=true
 export PYTHONUNBUFFERED=1
@@ -64,6 +84,7 @@ case "$cmd" in
         log "done: metrics in metrics/, models in models/ (dvc metrics show)"
         ;;
     test)
+        install_review_servers
         log "running the test suite"
         set +e
         python -m pytest "$@"
