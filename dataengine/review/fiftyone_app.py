@@ -1,0 +1,650 @@
+"""FiftyOne adapter: the review dataset, its saved views, the App, and the pull of the reviewers' work.
+
+``dataengine review open`` builds (or updates) a persistent FiftyOne dataset from the pipeline's outputs
+(:func:`~dataengine.review.inputs.load_review_inputs`) and launches the App on ``review.app_address`` (127.0.0.1 by
+default) and ``review.app_port``; ``dataengine review pull`` reads what the reviewers did in it and writes the
+decisions file (:mod:`dataengine.review.decisions`). The database is FiftyOne's embedded MongoDB unless
+``FIFTYONE_DATABASE_URI`` points at a team's own.
+
+The dataset (one sample per image, keyed by its absolute ``filepath``, so a re-run never duplicates samples):
+
+- scenario pool images, tag ``scenario``, fields ``file_name`` (relative to the pool: the decisions' key),
+  ``accepted`` / ``review`` / ``rejected`` (the filter's bands) and ``teacher`` (the teacher's fused output) as
+  ``fo.Detections``; ``segmentation`` (the filtered semantic mask: category ids, 255 = ignored pixel) and
+  ``teacher_segmentation`` (the teacher's label PNG, values label + 1) as ``fo.Segmentation``, ``uncertainty`` as
+  ``fo.Heatmap`` (0-255), and ``max_risk`` (the highest risk of its review labels) for sorting;
+- general ground-truth images, tag ``general``, fields ``ground_truth`` (``fo.Detections``) and ``split``.
+
+Every pseudo-label detection carries ``pseudo_id`` (the filter's id ``<file_name>#<i>``), ``confidence`` (the
+teacher's score), ``probability``, ``consistency``, ``risk`` (review band), ``reason`` (rejected band) and what the
+teacher gave, ``pseudo_bbox`` (xyxy pixels) and ``pseudo_label``, so a pull can tell an edited box from the
+original. Saved views: ``review_queue`` (images with review-band labels, highest risk first),
+``rejected_confident`` (rejected labels with confidence >= ``review.confident_reject_score``) and
+``hard_negatives`` (images without an accepted label whose teacher still has a box with confidence >=
+``review.hard_negative_score``).
+
+**Heavy fields are capped.** The teacher keeps every low-score box (the demo: 98k boxes on 600 images, 96k of them
+rejected), which makes the dataset slow to write and the App unreadable. ``teacher`` and ``rejected`` therefore
+hold, per image, the ``max_per_image`` highest-scoring boxes with score >= ``min_score`` (defaults
+:data:`TEACHER_MAX_PER_IMAGE`, :data:`TEACHER_MIN_SCORE`; ``--max-per-image`` / ``--min-score``), plus every box at
+or above the saved views' thresholds. ``accepted`` and ``review`` are never capped. The counts shown and dropped
+are printed and kept in ``dataset.info["dataengine"]``.
+
+**Re-running keeps the reviewers' work**: in ``accepted`` / ``review`` / ``rejected`` a detection the reviewer
+touched (label tags, or a box or class that differs from ``pseudo_bbox`` / ``pseudo_label``) is kept as it is (it
+moves with its ``pseudo_id`` if the filter moved the label to another band), untouched ones are refreshed, new ones
+added, vanished ones removed; detections a reviewer added (no ``pseudo_id``) stay. ``teacher`` and the
+segmentation fields are replaced. Scenario samples whose image left the pool are deleted.
+
+Reviewer conventions (also in ``dataengine review open --help``):
+
+- label tag ``accept`` / ``reject`` on a detection in ``accepted``, ``review`` or ``rejected``: the label is right /
+  wrong. ``reject`` wins over everything else on the same label;
+- a detection whose ``bounding_box`` or ``label`` was edited (in the App's Annotate tab, through an annotation
+  backend such as CVAT or Label Studio via ``dataset.annotate()``, or in Python): a correction;
+- a new detection without ``pseudo_id`` in ``accepted``, ``review`` or ``rejected``: a box the reviewer added;
+- sample tag ``negative`` (a verified hard negative: no object) / ``relabel`` (labels unusable): image flags.
+
+Tags elsewhere (the ``teacher`` field, other names) are not decisions; a pull counts and reports them.
+
+Example:
+    >>> inputs = load_review_inputs("data/filtered", "data/pseudo", "data/prepared")  # doctest: +SKIP
+    >>> dataset, summary = build_dataset(inputs, "dataengine-review")  # doctest: +SKIP
+    >>> save_review_views(dataset, confident_reject_score=0.5, hard_negative_score=0.5)  # doctest: +SKIP
+    >>> pulled = pull_decisions(dataset)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+_TRACKING_CHOSEN = "FIFTYONE_DO_NOT_TRACK" in os.environ
+os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")  # no usage analytics calls, no App prompt about them
+
+import fiftyone as fo  # noqa: E402
+from fiftyone import ViewField as F  # noqa: E402
+
+if not _TRACKING_CHOSEN:
+    fo.config.do_not_track = True  # fiftyone may have been imported (and its config read) before this module
+
+from dataengine.boxes import relative_xywh_to_xyxy, xyxy_to_relative_xywh  # noqa: E402
+from dataengine.review.decisions import (  # noqa: E402
+    image_decision,
+    label_decision,
+    load_decisions,
+    merge_pulled,
+    write_decisions,
+)
+from dataengine.io import read_json  # noqa: E402
+
+__all__ = [
+    "BAND_FIELDS",
+    "LABEL_TAGS",
+    "SAMPLE_TAGS",
+    "VIEW_NAMES",
+    "TEACHER_MAX_PER_IMAGE",
+    "TEACHER_MIN_SCORE",
+    "record_to_detection",
+    "detection_to_record",
+    "is_edited",
+    "detection_decision",
+    "cap_records",
+    "build_dataset",
+    "save_review_views",
+    "app_url",
+    "launch_app",
+    "pull_decisions",
+    "open_cli",
+    "pull_cli",
+]
+
+BAND_FIELDS = ("accepted", "review", "rejected")  # the filter's bands: where reviewers decide
+LABEL_TAGS = ("accept", "reject")
+SAMPLE_TAGS = ("negative", "relabel")
+VIEW_NAMES = ("review_queue", "rejected_confident", "hard_negatives")
+TEACHER_MAX_PER_IMAGE = 50  # per image, in the teacher and rejected fields (the filter's own max_per_image scale)
+TEACHER_MIN_SCORE = 0.05  # below this the teacher's boxes are noise to a reviewer (demo: 61% of all boxes)
+SOURCE = "fiftyone"
+_PIPELINE_ATTRS = ("probability", "consistency", "risk", "reason")  # refreshed on re-runs, never a reviewer's
+_EDIT_TOLERANCE = 0.02  # pixels; decisions round boxes to 0.01 px
+
+CONVENTIONS = """\
+reviewer conventions (what `dataengine review pull` reads):
+  label tag 'accept' / 'reject'   on a detection in accepted, review or rejected: the label is right / wrong;
+                                  'reject' wins over an edit of the same label
+  edited bounding_box or label    (App Annotate tab, dataset.annotate() backends such as CVAT or Label
+                                  Studio, or Python): a correction, with the new box and class
+  new detection (no pseudo_id)    in accepted, review or rejected: a box the reviewer added
+  sample tag 'negative'           the image is a verified hard negative (no object)
+  sample tag 'relabel'            the image's labels are unusable until relabelled
+Tags on the teacher field are not decisions (it is rebuilt on every `open`); a pull reports them.
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure converters: record <-> fo.Detection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _round_box(box: Iterable[float]) -> list[float]:
+    return [round(float(v), 2) for v in box]
+
+
+def record_to_detection(record: Mapping[str, Any]) -> fo.Detection:
+    """One filter/teacher record (xyxy pixels) as an ``fo.Detection`` (relative ``[x, y, w, h]``).
+
+    Keeps the pipeline's numbers as attributes (``pseudo_id``, ``confidence`` = score, ``probability``,
+    ``consistency``, ``risk``, ``reason`` where present) and what the teacher gave (``pseudo_bbox``, xyxy pixels,
+    and ``pseudo_label``), so an edit can be told later (:func:`is_edited`). ``record`` is not modified.
+
+    Example:
+        >>> d = record_to_detection({"id": "a.png#0", "width": 100, "height": 50, "bbox": [10, 5, 30, 25],
+        ...                          "class_name": "circle", "score": 0.9})
+        >>> [round(v, 3) for v in d.bounding_box], d.label, d.pseudo_id
+        ([0.1, 0.1, 0.2, 0.4], 'circle', 'a.png#0')
+    """
+    bbox = _round_box(record["bbox"])
+    relative = xyxy_to_relative_xywh(bbox, record["width"], record["height"]).tolist()
+    attrs = {key: record[key] for key in _PIPELINE_ATTRS if record.get(key) is not None}
+    return fo.Detection(
+        label=record["class_name"],
+        bounding_box=relative,
+        confidence=record.get("score"),
+        pseudo_id=record["id"],
+        pseudo_bbox=bbox,
+        pseudo_label=record["class_name"],
+        **attrs,
+    )
+
+
+def detection_to_record(detection: fo.Detection, file_name: str, width: float, height: float) -> dict[str, Any]:
+    """Inverse of :func:`record_to_detection`: the detection's *current* box (xyxy pixels) and class as a record.
+
+    ``id`` is the ``pseudo_id`` (``None`` for a box a reviewer added); ``score`` is ``confidence``.
+
+    Example:
+        >>> r = {"id": "a.png#0", "file_name": "a.png", "width": 100, "height": 50, "bbox": [10.0, 5.0, 30.0, 25.0],
+        ...      "class_name": "circle", "score": 0.9}
+        >>> detection_to_record(record_to_detection(r), "a.png", 100, 50)["bbox"]
+        [10.0, 5.0, 30.0, 25.0]
+    """
+    bbox = _round_box(relative_xywh_to_xyxy(list(detection.bounding_box), width, height).tolist())
+    record: dict[str, Any] = {"id": _attr(detection, "pseudo_id"), "file_name": file_name, "width": width,
+                              "height": height, "bbox": bbox, "class_name": detection.label,
+                              "score": detection.confidence}
+    for key in _PIPELINE_ATTRS:
+        if _attr(detection, key) is not None:
+            record[key] = _attr(detection, key)
+    return record
+
+
+def _attr(detection: fo.Detection, name: str) -> Any:
+    """A detection's (dynamic) attribute, ``None`` where absent."""
+    return detection[name] if detection.has_field(name) else None
+
+
+def is_edited(detection: fo.Detection, width: float, height: float) -> bool:
+    """Whether the box or class differs from what the teacher gave (``pseudo_bbox`` / ``pseudo_label``).
+
+    A detection without ``pseudo_id`` (added by a reviewer) is not "edited": it is new.
+    """
+    original = _attr(detection, "pseudo_bbox")
+    if _attr(detection, "pseudo_id") is None or original is None:
+        return False
+    if detection.label != _attr(detection, "pseudo_label"):
+        return True
+    current = relative_xywh_to_xyxy(list(detection.bounding_box), width, height).tolist()
+    return max(abs(a - b) for a, b in zip(current, original)) > _EDIT_TOLERANCE
+
+
+def _is_touched(detection: fo.Detection, width: float, height: float) -> bool:
+    return bool(detection.tags) or is_edited(detection, width, height)
+
+
+def detection_decision(
+    detection: fo.Detection, file_name: str, width: float, height: float, *, user: str | None = None
+) -> dict[str, Any] | None:
+    """The label decision a reviewer expressed on one band detection, or ``None`` (no decision, or no
+    ``pseudo_id``). ``reject`` tag > edit (``correct``) > ``accept`` tag. Entries carry ``original`` (what the
+    reviewer saw) and ``time=None`` (the pull's time is assigned by ``merge_pulled``).
+
+    Raises:
+        DecisionsError: An edited box is degenerate (zero width or height).
+    """
+    if _attr(detection, "pseudo_id") is None:
+        return None
+    original = {"bbox": list(_attr(detection, "pseudo_bbox")), "class_name": _attr(detection, "pseudo_label")}
+    tags = set(detection.tags or ())
+    common = {"source": SOURCE, "user": user, "time": None, "original": original}
+    if "reject" in tags:
+        return label_decision(file_name, "reject", **common)
+    if is_edited(detection, width, height):
+        current = detection_to_record(detection, file_name, width, height)
+        return label_decision(file_name, "correct", bbox=current["bbox"], class_name=current["class_name"], **common)
+    if "accept" in tags:
+        return label_decision(file_name, "accept", **common)
+    return None
+
+
+def cap_records(records: Sequence[Mapping[str, Any]], *, max_per_image: int, min_score: float,
+                keep_score: float = 1.0) -> list[Mapping[str, Any]]:
+    """The ``max_per_image`` highest-scoring records with score >= ``min_score``, plus all with score >=
+    ``keep_score`` (what the saved views select), in decreasing score (ties: original order). One image's records.
+
+    Example:
+        >>> rs = [{"score": s} for s in (0.01, 0.9, 0.3, 0.6)]
+        >>> [r["score"] for r in cap_records(rs, max_per_image=1, min_score=0.05, keep_score=0.5)]
+        [0.9, 0.6]
+    """
+    ranked = sorted(records, key=lambda r: -float(r.get("score") or 0.0))
+    return [r for i, r in enumerate(ranked)
+            if float(r.get("score") or 0.0) >= keep_score
+            or (i < max_per_image and float(r.get("score") or 0.0) >= min_score)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _detections(items: Iterable[fo.Detection]) -> fo.Detections:
+    return fo.Detections(detections=list(items))
+
+
+def _merge_band_fields(
+    records: Mapping[str, list[Mapping[str, Any]]],
+    uncapped_ids: Mapping[str, str],
+    existing: Mapping[str, fo.Detections | None],
+    width: float,
+    height: float,
+) -> tuple[dict[str, fo.Detections], int]:
+    """One image's new band fields: touched detections kept (in the band their id is in now), untouched refreshed.
+
+    Args:
+        records: band -> the records to show (capped).
+        uncapped_ids: pseudo id -> band for every record of the image (capped or not).
+        existing: band -> the detections now in the dataset (``None`` for a new sample).
+
+    Returns:
+        ``(band -> fo.Detections, number of touched detections kept)``.
+    """
+    touched: dict[str, fo.Detection] = {}
+    added: dict[str, list[fo.Detection]] = defaultdict(list)
+    for band in BAND_FIELDS:
+        for det in (existing.get(band).detections if existing.get(band) is not None else []):
+            pid = _attr(det, "pseudo_id")
+            if pid is None:
+                added[band].append(det)  # drawn by a reviewer: stays where it was drawn
+            elif pid in uncapped_ids and _is_touched(det, width, height):
+                touched[pid] = det
+    by_id = {r["id"]: r for band_records in records.values() for r in band_records}
+    out: dict[str, fo.Detections] = {}
+    kept = 0
+    for band in BAND_FIELDS:
+        dets = []
+        ids = [r["id"] for r in records.get(band, [])]
+        ids += [pid for pid in touched if uncapped_ids[pid] == band and pid not in by_id]  # capped but touched
+        for pid in ids:
+            if pid in touched:
+                det = touched[pid]
+                record = by_id.get(pid)
+                if record is not None:  # the pipeline's numbers are refreshed; box, class, tags are the reviewer's
+                    det.confidence = record.get("score")
+                    for key in _PIPELINE_ATTRS:
+                        det[key] = record.get(key)
+                dets.append(det)
+                kept += 1
+            else:
+                dets.append(record_to_detection(by_id[pid]))
+        out[band] = _detections(dets + added[band])
+    return out, kept
+
+
+def build_dataset(
+    inputs: Any,
+    name: str,
+    *,
+    max_per_image: int = TEACHER_MAX_PER_IMAGE,
+    min_score: float = TEACHER_MIN_SCORE,
+    keep_score: float = 0.5,
+    extra_info: Mapping[str, Any] | None = None,
+) -> tuple[fo.Dataset, dict[str, Any]]:
+    """Build or update the persistent review dataset ``name`` from :class:`~dataengine.review.inputs.ReviewInputs`.
+
+    See the module docstring for the fields and the update rules. Saved views are written separately
+    (:func:`save_review_views`).
+
+    Args:
+        inputs: The pipeline outputs (:func:`~dataengine.review.inputs.load_review_inputs`).
+        name: The dataset name (``review.dataset_name``).
+        max_per_image: Cap of the ``teacher`` and ``rejected`` fields per image (see the module docstring).
+        min_score: Score floor of the ``teacher`` and ``rejected`` fields.
+        keep_score: Boxes at or above this score are always kept (pass the lowest saved-view threshold).
+        extra_info: Merged into ``dataset.info["dataengine"]`` (e.g. the input paths).
+
+    Returns:
+        ``(dataset, summary)``; summary: ``samples``, ``new_samples``, ``removed_samples``, ``labels`` (per field),
+        ``dropped`` (per capped field), ``kept_reviewer_edits``.
+    """
+    if fo.dataset_exists(name):
+        dataset = fo.load_dataset(name)
+    else:
+        dataset = fo.Dataset(name)
+    dataset.persistent = True
+    pool_root = Path(inputs.pool_root).resolve()
+    sizes = {img["file_name"]: (img["width"], img["height"]) for img in inputs.images}
+    bands = {band: inputs.by_image(band) for band in (*BAND_FIELDS, "raw")}
+
+    # Samples: one per image, keyed by absolute filepath.
+    wanted: dict[str, dict[str, Any]] = {}
+    for img in inputs.images:
+        wanted[str(pool_root / img["file_name"])] = {"kind": "scenario", **img}
+    general_seen = 0
+    for split, coco_path in sorted(inputs.general.items()):
+        coco = read_json(coco_path)
+        names = {c["id"]: c["name"] for c in coco["categories"]}
+        anns = defaultdict(list)
+        for ann in coco["annotations"]:
+            anns[ann["image_id"]].append(ann)
+        for img in coco["images"]:
+            path = str(Path(inputs.general_root).resolve() / img["file_name"])
+            if path in wanted:
+                general_seen += 1  # listed in two splits: the first split (sorted) wins
+                continue
+            wanted[path] = {"kind": "general", "split": split, "file_name": img["file_name"], "width": img["width"],
+                            "height": img["height"], "annotations": anns[img["id"]], "names": names}
+    existing_paths = set(dataset.values("filepath"))
+    scenario_paths = set(dataset.match_tags("scenario").values("filepath"))
+    stale = sorted(scenario_paths - {p for p, w in wanted.items() if w["kind"] == "scenario"})
+    if stale:
+        dataset.delete_samples(dataset.select_by("filepath", stale))
+    new = [p for p in wanted if p not in existing_paths]
+    if new:
+        dataset.add_samples([
+            fo.Sample(filepath=p, tags=[wanted[p]["kind"]], file_name=wanted[p]["file_name"],
+                      metadata=fo.ImageMetadata(width=wanted[p]["width"], height=wanted[p]["height"]))
+            for p in new
+        ], progress=False)
+
+    # Scenario fields.
+    current = dict(zip(*dataset.match_tags("scenario").values(["filepath", "id"])))
+    old_bands = {band: dict(zip(*dataset.match_tags("scenario").values(["filepath", band])))
+                 if dataset.has_sample_field(band) else {} for band in BAND_FIELDS}
+    values: dict[str, dict[str, Any]] = defaultdict(dict)
+    dropped: Counter[str] = Counter()
+    kept_edits = 0
+    for path, img in wanted.items():
+        if img["kind"] != "scenario":
+            continue
+        file_name, (width, height) = img["file_name"], sizes[img["file_name"]]
+        sid = current[path]
+        records, uncapped = {}, {}
+        for band in BAND_FIELDS:
+            band_records = bands[band].get(file_name, [])
+            uncapped.update({r["id"]: band for r in band_records})
+            if band == "rejected":
+                shown = cap_records(band_records, max_per_image=max_per_image, min_score=min_score,
+                                    keep_score=keep_score)
+                dropped[band] += len(band_records) - len(shown)
+                band_records = shown
+            records[band] = band_records
+        merged, kept = _merge_band_fields(records, uncapped, {b: old_bands[b].get(path) for b in BAND_FIELDS},
+                                          width, height)
+        kept_edits += kept
+        for band in BAND_FIELDS:
+            values[band][sid] = merged[band]
+        raw = bands["raw"].get(file_name, [])
+        teacher = cap_records(raw, max_per_image=max_per_image, min_score=min_score, keep_score=keep_score)
+        dropped["teacher"] += len(raw) - len(teacher)
+        values["teacher"][sid] = _detections(record_to_detection(r) for r in teacher)
+        risks = [r["risk"] for r in records["review"] if r.get("risk") is not None]
+        values["max_risk"][sid] = max(risks) if risks else None
+        values["segmentation"][sid] = (
+            fo.Segmentation(mask_path=str((Path(inputs.semantic_root) / img["semantic_file"]).resolve()))
+            if inputs.semantic_root is not None and img.get("semantic_file") else None)
+        seg = img.get("seg") or {}
+        values["teacher_segmentation"][sid] = (
+            fo.Segmentation(mask_path=str((Path(inputs.seg_root) / seg["label"]).resolve()))
+            if seg.get("label") and inputs.seg_root is not None else None)
+        values["uncertainty"][sid] = (
+            fo.Heatmap(map_path=str((Path(inputs.seg_root) / seg["uncertainty"]).resolve()), range=[0, 255])
+            if seg.get("uncertainty") and inputs.seg_root is not None else None)
+    # General ground truth.
+    general_ids = dict(zip(*dataset.match_tags("general").values(["filepath", "id"])))
+    for path, img in wanted.items():
+        if img["kind"] != "general":
+            continue
+        sid = general_ids[path]
+        dets = []
+        for ann in img["annotations"]:
+            x, y, w, h = ann["bbox"]
+            dets.append(fo.Detection(label=img["names"][ann["category_id"]],
+                                     bounding_box=xyxy_to_relative_xywh([x, y, x + w, y + h], img["width"],
+                                                                        img["height"]).tolist()))
+        values["ground_truth"][sid] = _detections(dets)
+        values["split"][sid] = img["split"]
+    for field_name, by_id in values.items():
+        if by_id:
+            dataset.set_values(field_name, by_id, key_field="id", progress=False)
+    dataset.add_dynamic_sample_fields()  # declare pseudo_id, risk, ... so the App can filter on them
+
+    class_targets = dict(zip(inputs.category_ids, inputs.class_names))
+    dataset.mask_targets = {
+        "segmentation": {0: "background", **class_targets, 255: "ignored"},
+        "teacher_segmentation": {0: "background", **{i + 1: n for i, n in enumerate(inputs.class_names)}},
+    }
+    dataset.default_classes = list(inputs.class_names)
+    summary = {
+        "samples": len(dataset),
+        "new_samples": len(new),
+        "removed_samples": len(stale),
+        "general_duplicates": general_seen,
+        "labels": {f: dataset.count(f"{f}.detections") for f in (*BAND_FIELDS, "teacher", "ground_truth")
+                   if dataset.has_sample_field(f)},
+        "dropped": dict(sorted(dropped.items())),
+        "kept_reviewer_edits": kept_edits,
+    }
+    dataset.info["dataengine"] = {
+        "model_version": inputs.model_version,
+        "pool_root": str(pool_root),
+        "class_names": list(inputs.class_names),
+        "cap": {"fields": ["rejected", "teacher"], "max_per_image": max_per_image, "min_score": min_score,
+                "keep_score": keep_score, "dropped": summary["dropped"]},
+        **dict(extra_info or {}),
+    }
+    dataset.save()
+    return dataset, summary
+
+
+def save_review_views(dataset: fo.Dataset, *, confident_reject_score: float, hard_negative_score: float) -> list[str]:
+    """Save (overwrite) the reviewer's views: ``review_queue``, ``rejected_confident``, ``hard_negatives``.
+
+    Returns:
+        The saved view names.
+    """
+    scenario = dataset.match_tags("scenario")
+    views = {
+        "review_queue": scenario.match(F("review.detections").length() > 0).sort_by("max_risk", reverse=True),
+        "rejected_confident": scenario.filter_labels("rejected", F("confidence") >= confident_reject_score),
+        "hard_negatives": scenario.match(F("accepted.detections").length() == 0)
+                                  .filter_labels("teacher", F("confidence") >= hard_negative_score),
+    }
+    descriptions = {
+        "review_queue": "scenario images with review-band labels, highest risk first",
+        "rejected_confident": f"rejected labels with teacher confidence >= {confident_reject_score}",
+        "hard_negatives": f"no accepted label, a teacher box with confidence >= {hard_negative_score}",
+    }
+    for name, view in views.items():
+        dataset.save_view(name, view, description=descriptions[name], overwrite=True)
+    return list(views)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The App
+# --------------------------------------------------------------------------------------------------------------
+
+
+def app_url(dataset_name: str, address: str, port: int) -> str:
+    """The App URL that opens ``dataset_name`` directly (the bare root shows "No dataset selected")."""
+    host = "127.0.0.1" if address in ("0.0.0.0", "") else address
+    return f"http://{host}:{port}/datasets/{quote(dataset_name)}"
+
+
+def launch_app(dataset: fo.Dataset, address: str = "127.0.0.1", port: int = 5151) -> fo.Session:
+    """Launch the App for ``dataset`` as a remote session on ``address:port`` and print its URL.
+
+    Returns:
+        The session; ``session.close()`` stops it, ``session.wait(-1)`` blocks until Ctrl-C.
+    """
+    session = fo.launch_app(dataset, remote=True, address=address, port=port)
+    print(f"FiftyOne App: {app_url(dataset.name, address, port)}", flush=True)
+    return session
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pull
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pull_decisions(dataset: fo.Dataset, *, user: str | None = None) -> dict[str, Any]:
+    """Every decision the reviewers hold in ``dataset`` now (see the module docstring's conventions).
+
+    Pure over the dataset's state (nothing is written). ``time`` is ``None`` in every entry: ``merge_pulled``
+    assigns the pull's time to new or changed entries.
+
+    Args:
+        dataset: The review dataset.
+        user: Who reviewed (``DATAENGINE_REVIEWER`` in :func:`pull_cli`); FiftyOne does not record it per label.
+
+    Returns:
+        ``{"labels": {label id: entry}, "images": {file_name: entry}, "ignored": {what: count}}`` where
+        ``ignored`` counts tags that are not decisions (``merge_pulled`` reads only labels and images).
+    """
+    scenario = dataset.match_tags("scenario")
+    columns = ["file_name", "metadata.width", "metadata.height", "tags", *BAND_FIELDS]
+    rows = zip(*scenario.values(columns)) if len(scenario) else []
+    labels: dict[str, Any] = {}
+    images: dict[str, Any] = {}
+    ignored: Counter[str] = Counter()
+    for file_name, width, height, sample_tags, *fields in rows:
+        added = []
+        for dets in fields:
+            for det in (dets.detections if dets is not None else []):
+                pid = _attr(det, "pseudo_id")
+                if pid is None:
+                    bbox = detection_to_record(det, file_name, width, height)["bbox"]
+                    added.append({"bbox": bbox, "class_name": det.label})
+                    continue
+                entry = detection_decision(det, file_name, width, height, user=user)
+                if entry is not None:
+                    labels[pid] = entry
+                ignored.update(f"label tag {t!r}" for t in (det.tags or ()) if t not in LABEL_TAGS)
+        flags = [t for t in sample_tags if t in SAMPLE_TAGS]
+        ignored.update(f"sample tag {t!r}" for t in sample_tags if t not in (*SAMPLE_TAGS, "scenario"))
+        if flags or added:
+            images[file_name] = image_decision(source=SOURCE, flags=flags, added=added, user=user, time=None)
+    if dataset.has_sample_field("teacher"):
+        for tag, n in dataset.count_label_tags("teacher").items():
+            ignored[f"label tag {tag!r} on teacher"] += n
+    return {"labels": dict(sorted(labels.items())), "images": dict(sorted(images.items())),
+            "ignored": dict(sorted(ignored.items()))}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _review_params(path: str) -> Any:
+    from dataengine.config import load_params  # noqa: PLC0415
+
+    return load_params(path, ["review"]).review
+
+
+def open_cli(argv: Sequence[str]) -> int:
+    """``dataengine review open``: build/update the dataset, save the views, launch the App (see ``--help``)."""
+    from dataengine.review.cli import add_common_args  # noqa: PLC0415 (cli imports adapters lazily; no cycle)
+    from dataengine.review.inputs import load_review_inputs  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="dataengine review open", description="Build or update the FiftyOne review dataset from the pipeline's "
+        "outputs, save the reviewer's views and launch the App.", epilog=CONVENTIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--dataset", help="dataset name (default: review.dataset_name in --params)")
+    parser.add_argument("--port", type=int, help="App port (default: review.app_port in --params)")
+    parser.add_argument("--no-launch", action="store_true", help="build the dataset only")
+    parser.add_argument("--no-wait", action="store_true", help="launch the App and return (the App stops with "
+                        "this process); default: serve until Ctrl-C")
+    parser.add_argument("--max-per-image", type=int, default=TEACHER_MAX_PER_IMAGE,
+                        help="teacher/rejected boxes shown per image (default: %(default)s)")
+    parser.add_argument("--min-score", type=float, default=TEACHER_MIN_SCORE,
+                        help="teacher/rejected boxes below this score are not shown (default: %(default)s)")
+    args = parser.parse_args(list(argv))
+    params = _review_params(args.params)
+    name = args.dataset or params.dataset_name
+    inputs = load_review_inputs(args.filtered, args.pseudo, args.data)
+    keep = min(params.confident_reject_score, params.hard_negative_score)
+    dataset, summary = build_dataset(
+        inputs, name, max_per_image=args.max_per_image, min_score=args.min_score, keep_score=keep,
+        extra_info={"filtered": str(Path(args.filtered).resolve()), "pseudo": str(Path(args.pseudo).resolve()),
+                    "prepared": str(Path(args.data).resolve())})
+    views = save_review_views(dataset, confident_reject_score=params.confident_reject_score,
+                              hard_negative_score=params.hard_negative_score)
+    labels = ", ".join(f"{k} {v}" for k, v in summary["labels"].items())
+    dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items())
+    print(f"dataset {name!r}: {summary['samples']} samples ({summary['new_samples']} new, "
+          f"{summary['removed_samples']} removed); labels: {labels}")
+    print(f"not shown (score < {args.min_score} or beyond {args.max_per_image} per image): {dropped}; "
+          f"reviewer-touched labels kept: {summary['kept_reviewer_edits']}")
+    print("saved views: " + ", ".join(f"{v} ({len(dataset.load_saved_view(v))} samples)" for v in views))
+    if args.no_launch:
+        return 0
+    session = launch_app(dataset, params.app_address, args.port or params.app_port)
+    if args.no_wait:
+        session.close()
+        return 0
+    print("serving until Ctrl-C", flush=True)
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    return 0
+
+
+def pull_cli(argv: Sequence[str]) -> int:
+    """``dataengine review pull``: the reviewers' tags and edits in FiftyOne -> the decisions file."""
+    from dataengine.review.cli import add_common_args  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="dataengine review pull", description="Write the FiftyOne reviewers' tags and edits to the decisions "
+        "file (deterministic; a pull with nothing new leaves it untouched). DATAENGINE_REVIEWER names the reviewer.",
+        epilog=CONVENTIONS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--dataset", help="dataset name (default: review.dataset_name in --params)")
+    args = parser.parse_args(list(argv))
+    name = args.dataset or _review_params(args.params).dataset_name
+    if not fo.dataset_exists(name):
+        print(f"dataengine review pull: no FiftyOne dataset {name!r}: run `dataengine review open` first",
+              file=sys.stderr)
+        return 1
+    pulled = pull_decisions(fo.load_dataset(name), user=os.environ.get("DATAENGINE_REVIEWER") or None)
+    merged, _ = merge_pulled(load_decisions(args.decisions), pulled, source=SOURCE)
+    written = write_decisions(args.decisions, merged)
+    counts = Counter(e["decision"] for e in pulled["labels"].values())
+    flags = Counter(f for e in pulled["images"].values() for f in e["flags"])
+    added = sum(len(e["added"]) for e in pulled["images"].values())
+    ignored = "; ignored: " + ", ".join(f"{k} x{v}" for k, v in pulled["ignored"].items()) if pulled["ignored"] else ""
+    print(f"pulled from {name!r}: " + ", ".join(f"{counts[d]} {d}" for d in ("accept", "reject", "correct"))
+          + f", {flags['negative']} negative, {flags['relabel']} relabel, {added} added boxes; "
+          + f"{args.decisions} {'updated' if written else 'unchanged'}{ignored}")
+    return 0
