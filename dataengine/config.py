@@ -42,6 +42,7 @@ __all__ = [
     "FilterParams",
     "LabelStudioParams",
     "ReviewParams",
+    "RebalanceParams",
     "Params",
     "load_params",
     "from_dict",
@@ -219,6 +220,21 @@ class ReviewParams:
 
 
 @dataclass(frozen=True)
+class RebalanceParams:
+    """The ``rebalance`` stage: per-image repeat factors whose expected class distribution is closest (KL) to a target.
+
+    See :mod:`dataengine.curation.rebalance` for the algorithm and the edge cases.
+    """
+
+    target: Literal["uniform", "tempered", "explicit"] = "tempered"
+    tau: float = _range(0.0, 1.0, default=0.5)  # tempered: q_k proportional to n_k ** tau (0 = uniform, 1 = as is)
+    shares: dict[str, float] = _range(0.0, None, default_factory=dict)  # explicit: {class name: share}, sum 1
+    max_repeat: float = _range(1.0, 1000.0, default=4.0)  # repeat factors lie in [1, max_repeat]
+    epoch_size: int = _range(0, None, default=0)  # images drawn per epoch; 0 = the sum of the repeat factors
+    sources: tuple[Literal["general", "scenario"], ...] = ("general", "scenario")
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections a stage asked for; sections it did not ask for stay ``None``."""
 
@@ -227,6 +243,7 @@ class Params:
     pseudo_label: PseudoLabelParams | None = None
     filter: FilterParams | None = None
     review: ReviewParams | None = None
+    rebalance: RebalanceParams | None = None
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name].__args__[0] for f in dataclasses.fields(Params)}
