@@ -29,8 +29,8 @@ import numpy as np
 
 from dataengine.curation.rebalance import (
     LVIS_THRESHOLD,
-    _kl_with,
     count_matrix,
+    kl_of_repeat_factors,
     lvis_best_threshold,
     lvis_repeat_factors,
     plan_repeat_factors,
@@ -79,7 +79,7 @@ def run_case(name: str, counts: np.ndarray, target: str, max_repeat: float) -> d
         "max_repeat": max_repeat, "class_shares": [round(float(s), 4) for s in shares],
         "kl_before": plan.kl_before, "kl_solver": plan.kl_after, "kl_lvis_best": lvis_kl,
         "lvis_best_threshold": t_best,
-        "kl_lvis_paper": _kl_with(counts, lvis_repeat_factors(counts, LVIS_THRESHOLD, max_repeat), q),
+        "kl_lvis_paper": kl_of_repeat_factors(counts, lvis_repeat_factors(counts, LVIS_THRESHOLD, max_repeat), q),
         "solver_gap": plan.gap, "solver_iterations": plan.iterations, "solver_ms": round(1000 * seconds, 2),
         "mean_repeat_solver": round(float(plan.repeat_factors.mean()), 4),
         "mean_repeat_lvis_best": round(float(r_lvis.mean()), 4),

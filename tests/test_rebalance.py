@@ -20,6 +20,7 @@ from dataengine.config import ParamsError, RebalanceParams, load_params
 from dataengine.curation import (
     Q_FLOOR,
     kl_divergence,
+    kl_of_repeat_factors,
     lvis_best_threshold,
     lvis_repeat_factors,
     make_sampler,
@@ -29,7 +30,6 @@ from dataengine.curation import (
     rebalance_metrics,
     target_distribution,
 )
-from dataengine.curation.rebalance import _kl_with
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_properties_for_any_input(problem: tuple[np.ndarray, np.ndarray, float])
     # The certificate: no feasible r (LVIS's, all-max, a vertex) does better than kl_after - gap.
     for other in (lvis_repeat_factors(counts, 0.5, max_repeat), np.full(counts.shape[0], max_repeat),
                   np.where(np.arange(counts.shape[0]) % 2 == 0, max_repeat, 1.0)):
-        assert _kl_with(counts, other, q) >= plan.kl_after - plan.gap - 1e-12
+        assert kl_of_repeat_factors(counts, other, q) >= plan.kl_after - plan.gap - 1e-12
 
 
 def test_exact_two_images_two_classes() -> None:

@@ -77,6 +77,7 @@ __all__ = [
     "plan_repeat_factors",
     "lvis_repeat_factors",
     "lvis_best_threshold",
+    "kl_of_repeat_factors",
     "count_matrix",
     "rebalance_coco",
     "plan_document",
@@ -339,7 +340,7 @@ def lvis_best_threshold(counts: np.ndarray, target: np.ndarray, max_repeat: floa
         thresholds = [LVIS_THRESHOLD, *np.geomspace(1e-4, max(max_repeat, 1.0) ** 2, 161).tolist()]
     best = (float(thresholds[0]), math.inf)
     for t in thresholds:
-        kl = _kl_with(n, lvis_repeat_factors(n, t, max_repeat), target)
+        kl = kl_of_repeat_factors(n, lvis_repeat_factors(n, t, max_repeat), target)
         if kl < best[1] - 1e-15:
             best = (float(t), kl)
     return best
@@ -356,8 +357,14 @@ def _effective_target(n: np.ndarray, q_req: np.ndarray) -> tuple[np.ndarray, np.
     return reach, q
 
 
-def _kl_with(n: np.ndarray, r: np.ndarray, target: np.ndarray) -> float:
-    """KL of given repeat factors, with the reachable-class convention of :func:`plan_repeat_factors`."""
+def kl_of_repeat_factors(counts: np.ndarray, r: np.ndarray, target: np.ndarray) -> float:
+    """``KL(p(r) || q)`` of any repeat factors (LVIS's, hand-made), with the conventions of :func:`plan_repeat_factors`.
+
+    Example:
+        >>> kl_of_repeat_factors(np.array([[3, 0], [0, 1]]), np.array([1.0, 3.0]), np.array([0.5, 0.5]))
+        0.0
+    """
+    n = np.asarray(counts, dtype=np.float64)
     reach, q = _effective_target(n, np.asarray(target, dtype=np.float64))
     return _kl_of(n[:, reach], np.asarray(r, dtype=np.float64), q[reach])[0]
 
@@ -436,7 +443,7 @@ def rebalance_coco(sources: Mapping[str, Mapping[str, Any]], params: RebalancePa
     plan = plan_repeat_factors(counts, requested, params.max_repeat)
     epoch = params.epoch_size or max(1, int(round(float(plan.repeat_factors.sum()))))
     t_best, kl_best = lvis_best_threshold(counts, requested, params.max_repeat)
-    kl_paper = _kl_with(counts, lvis_repeat_factors(counts, LVIS_THRESHOLD, params.max_repeat), requested)
+    kl_paper = kl_of_repeat_factors(counts, lvis_repeat_factors(counts, LVIS_THRESHOLD, params.max_repeat), requested)
     return RebalanceResult(plan=plan, classes=cats.names, images=tuple(images), counts=counts,
                            requested_target=requested, epoch_size=epoch, params=params, lvis_threshold=t_best,
                            lvis_kl=kl_best, lvis_kl_paper=kl_paper)
