@@ -251,7 +251,8 @@ def test_params_section(tmp_path: Path) -> None:
     assert p.shares == {"a": 0.5, "b": 0.5} and p.sources == ("scenario",)
     for text, message in [("rebalance: {target: sqrt}", "one of 'uniform'"), ("rebalance: {max_repeat: 0.5}", "1.0"),
                           ("rebalance: {shares: {a: -1}}", "rebalance.shares.a"),
-                          ("rebalance: {sources: [pool]}", "rebalance.sources"), ("rebalance: {maxrepeat: 2}", "allowed")]:
+                          ("rebalance: {sources: [pool]}", "rebalance.sources"),
+                          ("rebalance: {maxrepeat: 2}", "allowed")]:
         path.write_text(text + "\n")
         with pytest.raises(ParamsError, match=message):
             load_params(path, ["rebalance"])

@@ -596,7 +596,7 @@ def make_sampler(plan: Mapping[str, Any], order: Sequence[tuple[str, Sequence[in
 
     Example:
         >>> sampler = make_sampler(plan, [("general", ids_g), ("scenario", ids_s)])  # doctest: +SKIP
-        >>> loader = DataLoader(ConcatDataset([general_ds, scenario_ds]), sampler=sampler, batch_size=16)  # doctest: +SKIP
+        >>> loader = DataLoader(ConcatDataset([general_ds, scenario_ds]), sampler=sampler)  # doctest: +SKIP
     """
     import torch
     from torch.utils.data import WeightedRandomSampler
