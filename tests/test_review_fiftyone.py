@@ -298,6 +298,20 @@ def test_rerun_follows_moved_and_vanished_labels(tree, dataset_name):
     assert dataset.load_saved_view("review_queue").values("file_name") == ["a.png", "c.png"]
 
 
+def test_pull_sees_small_edits_and_loads_only_touched_labels(tree, dataset_name):
+    dataset, _ = _build(tree, dataset_name)
+    a = _sample(dataset, "a.png")
+    det = _det(a, "review", "a.png#1")
+    det.bounding_box = [(30.0 + 0.05) / W, 10 / H, 19.95 / W, 20 / H]  # x1 moved by 0.05 px: a correction
+    _det(a, "accepted", "a.png#0").bounding_box = [(4.0 + 1e-9) / W, 6 / H, 16 / W, 16 / H]  # float noise: no edit
+    a.save()
+    assert fa._reviewer_candidates(dataset.match_tags("scenario")).count("review.detections") == 1
+    assert fa._reviewer_candidates(dataset.match_tags("scenario")).count("accepted.detections") == 0
+    pulled = fa.pull_decisions(dataset)
+    assert list(pulled["labels"]) == ["a.png#1"] and pulled["labels"]["a.png#1"]["bbox"] == [30.05, 10.0, 50.0, 30.0]
+    assert pulled["images"] == {} and pulled["ignored"] == {}
+
+
 def test_pull_without_dataset_is_one_line_error(tree, tmp_path, capsys):
     name = f"dataengine-test-missing-{uuid.uuid4().hex[:8]}"
     params = tmp_path / "params.yaml"

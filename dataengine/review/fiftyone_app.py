@@ -21,7 +21,8 @@ teacher gave, ``pseudo_bbox`` (xyxy pixels) and ``pseudo_label``, so a pull can 
 original. Saved views: ``review_queue`` (images with review-band labels, highest risk first),
 ``rejected_confident`` (rejected labels with confidence >= ``review.confident_reject_score``) and
 ``hard_negatives`` (images without an accepted label whose teacher still has a box with confidence >=
-``review.hard_negative_score``).
+``review.hard_negative_score``). The App shows ``accepted``, ``review`` and ``ground_truth`` by default (the other
+fields are one click away in the sidebar; a choice saved in the App is kept on re-runs).
 
 **Heavy fields are capped.** The teacher keeps every low-score box (the demo: 98k boxes on 600 images, 96k of them
 rejected), which makes the dataset slow to write and the App unreadable. ``teacher`` and ``rejected`` therefore
@@ -375,8 +376,10 @@ def build_dataset(
 
     # Scenario fields.
     current = dict(zip(*dataset.match_tags("scenario").values(["filepath", "id"])))
-    old_bands = {band: dict(zip(*dataset.match_tags("scenario").values(["filepath", band])))
-                 if dataset.has_sample_field(band) else {} for band in BAND_FIELDS}
+    old_bands: dict[str, dict[str, Any]] = {band: {} for band in BAND_FIELDS}
+    if all(dataset.has_sample_field(band) for band in BAND_FIELDS):
+        paths, *columns = _reviewer_candidates(dataset.match_tags("scenario")).values(["filepath", *BAND_FIELDS])
+        old_bands = {band: dict(zip(paths, column)) for band, column in zip(BAND_FIELDS, columns)}
     values: dict[str, dict[str, Any]] = defaultdict(dict)
     dropped: Counter[str] = Counter()
     kept_edits = 0
@@ -432,7 +435,7 @@ def build_dataset(
         values["split"][sid] = img["split"]
     for field_name, by_id in values.items():
         if by_id:
-            dataset.set_values(field_name, by_id, key_field="id", progress=False)
+            dataset.set_values(field_name, by_id, key_field="id", validate=False, progress=False)  # built here
     dataset.add_dynamic_sample_fields()  # declare pseudo_id, risk, ... so the App can filter on them
 
     class_targets = dict(zip(inputs.category_ids, inputs.class_names))
@@ -441,6 +444,8 @@ def build_dataset(
         "teacher_segmentation": {0: "background", **{i + 1: n for i, n in enumerate(inputs.class_names)}},
     }
     dataset.default_classes = list(inputs.class_names)
+    if dataset.app_config.active_fields is None:  # the App's default shows every field: 50 teacher boxes per image
+        dataset.app_config.active_fields = fo.ActiveFields(paths=["accepted", "review", "ground_truth"])
     summary = {
         "samples": len(dataset),
         "new_samples": len(new),
@@ -461,6 +466,24 @@ def build_dataset(
     }
     dataset.save()
     return dataset, summary
+
+
+def _reviewer_candidates(view: Any) -> Any:
+    """``view`` with only the band detections a reviewer may have touched: tagged, added (no ``pseudo_id``), or
+    with a class or box that differs from the teacher's (box to half the edit tolerance, in pixels). Filtering in
+    the database spares loading the untouched majority (the demo: 27k detections); the caller still decides
+    exactly with :func:`is_edited`.
+    """
+    width, height = F("$metadata.width"), F("$metadata.height")
+    box, original = F("bounding_box"), F("pseudo_bbox")
+    tol = _EDIT_TOLERANCE / 2
+    moved = (((box[0] * width - original[0]).abs() > tol) | ((box[1] * height - original[1]).abs() > tol)
+             | (((box[0] + box[2]) * width - original[2]).abs() > tol)
+             | (((box[1] + box[3]) * height - original[3]).abs() > tol))
+    touched = (F("tags").length() > 0) | ~F("pseudo_id").exists() | (F("label") != F("pseudo_label")) | moved
+    for band in BAND_FIELDS:
+        view = view.filter_labels(band, touched, only_matches=False)
+    return view
 
 
 def save_review_views(dataset: fo.Dataset, *, confident_reject_score: float, hard_negative_score: float) -> list[str]:
@@ -527,7 +550,7 @@ def pull_decisions(dataset: fo.Dataset, *, user: str | None = None) -> dict[str,
         ``{"labels": {label id: entry}, "images": {file_name: entry}, "ignored": {what: count}}`` where
         ``ignored`` counts tags that are not decisions (``merge_pulled`` reads only labels and images).
     """
-    scenario = dataset.match_tags("scenario")
+    scenario = _reviewer_candidates(dataset.match_tags("scenario"))
     columns = ["file_name", "metadata.width", "metadata.height", "tags", *BAND_FIELDS]
     rows = zip(*scenario.values(columns)) if len(scenario) else []
     labels: dict[str, Any] = {}
