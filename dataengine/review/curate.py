@@ -208,7 +208,8 @@ def curate(
     }
     if semantic_out is not None:
         curated["semantic_root"] = semantic_out.name
-    stats["curated_per_class"] = Counter(c["name"] for a in out_anns for c in categories if c["id"] == a["category_id"])
+    name_of = {cid: name for name, cid in cat_id.items()}
+    stats["curated_per_class"] = Counter(name_of[a["category_id"]] for a in out_anns)
     stats["from_review"] = sum(a["source"] == "review" for a in out_anns)
     stats["negatives"] = sum(bool(i.get("negative")) for i in out_images)
     return curated, stats

@@ -80,6 +80,7 @@ __all__ = [
     "merge_pulled",
     "attach_originals",
     "utc_now",
+    "format_time",
     "label_id",
     "split_label_id",
 ]
@@ -95,9 +96,21 @@ class DecisionsError(ValueError):
     """The decisions file (or a pulled record) does not follow the schema; the message names the key."""
 
 
+def format_time(moment: _dt.datetime) -> str:
+    """The decisions file's time format: UTC, seconds precision, ISO-8601 with a ``Z`` (naive means UTC).
+
+    Example:
+        >>> format_time(_dt.datetime(2026, 1, 2, 3, 4, 5, 678))
+        '2026-01-02T03:04:05Z'
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.astimezone(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
 def utc_now() -> str:
-    """The current UTC time as an ISO-8601 string with a ``Z`` (seconds precision)."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    """The current UTC time in the decisions file's format (:func:`format_time`)."""
+    return format_time(_dt.datetime.now(_dt.timezone.utc))
 
 
 def label_id(file_name: str, index: int) -> str:

@@ -50,6 +50,7 @@ import numpy as np
 from dataengine.boxes import percent_xywh_to_xyxy, xyxy_to_percent_xywh
 from dataengine.review.decisions import (
     DecisionsError,
+    format_time,
     image_decision,
     label_decision,
     load_decisions,
@@ -276,10 +277,7 @@ def _iso_z(value: Any) -> str | None:
     else:
         text = str(value).strip().replace(" ", "T", 1)
         moment = _dt.datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=_dt.timezone.utc)
-    moment = moment.astimezone(_dt.timezone.utc).replace(microsecond=0)
-    return moment.isoformat().replace("+00:00", "Z")
+    return format_time(moment)
 
 
 def _annotator(annotation: Mapping[str, Any], users: Mapping[int, str] | None) -> str | None:
