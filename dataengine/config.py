@@ -43,6 +43,13 @@ __all__ = [
     "LabelStudioParams",
     "ReviewParams",
     "RebalanceParams",
+    "MineParams",
+    "DetectionLossParams",
+    "SegmentationLossParams",
+    "DistillLossParams",
+    "StudentSpec",
+    "DistillParams",
+    "ExportParams",
     "Params",
     "load_params",
     "from_dict",
@@ -235,6 +242,93 @@ class RebalanceParams:
 
 
 @dataclass(frozen=True)
+class MineParams:
+    """The ``mine`` stage: image-level and pixel-level hard negatives (see :mod:`dataengine.curation.mining`)."""
+
+    sources: tuple[Literal["general", "scenario"], ...] = ("general", "scenario")
+    score_threshold: float = _range(0.0, 1.0, default=0.5)  # teacher boxes at least this confident are "firings"
+    match_iou: float = _range(0.0, 1.0, default=0.3)  # a firing overlapping a curated box this much is not a negative
+    max_regions_per_image: int = _range(1, 1000, default=10)
+    negative_weight: float = _range(1.0, 100.0, default=3.0)  # loss weight of negatives inside hard regions
+    pixel_confidence: float = _range(0.5, 1.0, default=0.8)  # teacher foreground prob on a curated-background pixel
+    pixel_weight: float = _range(1.0, 100.0, default=3.0)  # segmentation loss weight of hard negative pixels
+    batch_size: int = _range(1, 1024, default=16)
+
+
+@dataclass(frozen=True)
+class DetectionLossParams:
+    """How the student's detection loss treats negatives (seed 001: SSD keeps the hardest at 3:1)."""
+
+    negatives: Literal["focal", "ssd"] = "focal"  # focal: QFL over all locations; ssd: hardest negatives only
+    neg_pos_ratio: float = _range(0.0, 100.0, default=3.0)  # ssd: negatives kept per positive (per image)
+    min_negatives: int = _range(0, None, default=16)  # ssd: at least this many negatives per image
+
+
+@dataclass(frozen=True)
+class SegmentationLossParams:
+    """Online hard example mining (OHEM) in the student's segmentation loss."""
+
+    ohem: bool = True
+    ohem_threshold: float = _range(0.0, 1.0, default=0.7)  # keep pixels whose target-class probability is below
+    ohem_min_kept: int = _range(0, None, default=4096)  # per batch, at least this many pixels are kept
+
+
+@dataclass(frozen=True)
+class DistillLossParams:
+    """Distillation weights (0 disables a term) and temperatures."""
+
+    cls_kd: float = _range(0.0, 100.0, default=1.0)  # dense class-score distillation (QFL towards teacher sigmoid/T)
+    cls_temperature: float = _range(0.1, 100.0, default=2.0)
+    box_kd: float = _range(0.0, 100.0, default=0.25)  # localisation distillation (LD: KL of the side distributions)
+    box_temperature: float = _range(0.1, 100.0, default=10.0)
+    feature: float = _range(0.0, 100.0, default=1.0)  # feature imitation through 1x1 adapters (MSE, P3-P5)
+    seg_kd: float = _range(0.0, 100.0, default=1.0)  # per-pixel KL of the segmentation logits
+    seg_temperature: float = _range(0.1, 100.0, default=1.0)
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """One student of the ``distill`` stage (DVC ``foreach`` runs one stage per entry)."""
+
+    model: str = "mobilenet_v3_small_gfl"
+    width_mult: float | None = _range(0.1, 4.0, default=None)
+
+
+@dataclass(frozen=True)
+class DistillParams:
+    """The ``distill`` and ``baseline`` stages: mobile students trained on the curated set, and their baselines.
+
+    The baseline of a student is the same architecture and optimisation budget on general ground truth only
+    (no pseudo-labels, no distillation, no rebalancing, no mining): what the engine must beat.
+    """
+
+    students: dict[str, StudentSpec] = dataclasses.field(
+        default_factory=lambda: {"mobilenet_v3_small": StudentSpec("mobilenet_v3_small_gfl", None)})
+    input_size: int = _range(32, 2048, default=128)
+    train: TrainParams = TrainParams()
+    augment: AugmentParams = AugmentParams()
+    loss: DistillLossParams = DistillLossParams()
+    detection_loss: DetectionLossParams = DetectionLossParams()
+    segmentation_loss: SegmentationLossParams = SegmentationLossParams()
+    pseudo_labels: bool = True  # train on the curated scenario set (accepted + reviewed pseudo-labels)
+    rebalance: bool = True  # draw images with the rebalance stage's plan
+    hard_negatives: bool = True  # weight the mine stage's hard regions and pixels
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """The ``export`` stage: ONNX, INT8 static quantisation (ONNX Runtime), parity checks, model cards."""
+
+    opset: int = _range(13, 23, default=17)
+    calibration_images: int = _range(1, 100_000, default=64)  # scenario pool images for INT8 calibration
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    per_channel: bool = True
+    latency_runs: int = _range(50, 100_000, default=100)  # timed runs after warm-up (median reported)
+    latency_warmup: int = _range(1, 10_000, default=10)
+    max_parity_map_drop: float = _range(0.0, 100.0, default=0.5)  # FP32 ONNX vs PyTorch, mAP points
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections a stage asked for; sections it did not ask for stay ``None``."""
 
@@ -244,6 +338,9 @@ class Params:
     filter: FilterParams | None = None
     review: ReviewParams | None = None
     rebalance: RebalanceParams | None = None
+    mine: MineParams | None = None
+    distill: DistillParams | None = None
+    export: ExportParams | None = None
 
 
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Params)[f.name].__args__[0] for f in dataclasses.fields(Params)}
