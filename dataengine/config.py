@@ -305,6 +305,7 @@ class DistillParams:
     students: dict[str, StudentSpec] = dataclasses.field(
         default_factory=lambda: {"mobilenet_v3_small": StudentSpec("mobilenet_v3_small_gfl", None)})
     input_size: int = _range(32, 2048, default=128)
+    epoch_size: int = _range(1, None, default=1200)  # images drawn per epoch (students and baselines: same budget)
     train: TrainParams = TrainParams()
     augment: AugmentParams = AugmentParams()
     loss: DistillLossParams = DistillLossParams()

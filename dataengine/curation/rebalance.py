@@ -576,6 +576,42 @@ def summary_lines(result: RebalanceResult) -> list[str]:
     return lines
 
 
+def plan_weights(plan: Mapping[str, Any], order: Sequence[tuple[str, Sequence[int]]]) -> list[float]:
+    """The plan's repeat factors in ``ConcatDataset`` order: one sampling weight per dataset item.
+
+    Args:
+        plan: The ``plan.json`` document (:func:`plan_document`).
+        order: ``[(source, image ids in that dataset's index order), ...]``. Every image of a listed source must be
+            in the plan and vice versa; a source left out of ``order`` is simply not drawn from.
+
+    Raises:
+        ValueError: An image of ``order`` is not in the plan, or a plan image of a listed source is not in ``order``
+            (a stale plan).
+
+    Example:
+        >>> plan = {"images": [{"source": "general", "image_id": 1, "repeat_factor": 2.0}]}
+        >>> plan_weights(plan, [("general", [1])])
+        [2.0]
+    """
+    factor = {(im["source"], int(im["image_id"])): float(im["repeat_factor"]) for im in plan["images"]}
+    weights, seen = [], set()
+    for source, ids in order:
+        for image_id in ids:
+            key = (source, int(image_id))
+            if key not in factor:
+                raise ValueError(f"image {image_id} of source {source!r} is not in the rebalance plan (stale plan? "
+                                 f"re-run the rebalance stage)")
+            weights.append(factor[key])
+            seen.add(key)
+    listed = {source for source, _ in order}
+    extra = sorted(key for key in set(factor) - seen if key[0] in listed)
+    if extra:
+        raise ValueError(f"{len(extra)} images of the plan are not in the datasets, e.g. {extra[0]} (stale plan?)")
+    if not weights:
+        raise ValueError("the datasets are empty")
+    return weights
+
+
 def make_sampler(plan: Mapping[str, Any], order: Sequence[tuple[str, Sequence[int]]],
                  generator: Any = None, epoch_size: int | None = None) -> Any:
     """A ``torch.utils.data.WeightedRandomSampler`` over ``ConcatDataset`` of the sources, following a plan.
@@ -583,7 +619,8 @@ def make_sampler(plan: Mapping[str, Any], order: Sequence[tuple[str, Sequence[in
     Args:
         plan: The ``plan.json`` document (:func:`plan_document`).
         order: ``[(source, image ids in that dataset's index order), ...]`` in ``ConcatDataset`` order, e.g.
-            ``[("general", [im["id"] for im in general_ds.images]), ("scenario", [...])]``.
+            ``[("general", [im["id"] for im in general_ds.images]), ("scenario", [...])]``. A source of the plan
+            left out of ``order`` is left out of the draw (e.g. general only).
         generator: Optional ``torch.Generator`` (seed it for reproducible epochs).
         epoch_size: Draws per epoch; default the plan's.
 
@@ -601,21 +638,7 @@ def make_sampler(plan: Mapping[str, Any], order: Sequence[tuple[str, Sequence[in
     import torch
     from torch.utils.data import WeightedRandomSampler
 
-    factor = {(im["source"], int(im["image_id"])): float(im["repeat_factor"]) for im in plan["images"]}
-    weights, seen = [], set()
-    for source, ids in order:
-        for image_id in ids:
-            key = (source, int(image_id))
-            if key not in factor:
-                raise ValueError(f"image {image_id} of source {source!r} is not in the rebalance plan (stale plan? "
-                                 f"re-run the rebalance stage)")
-            weights.append(factor[key])
-            seen.add(key)
-    if len(seen) != len(factor):
-        extra = sorted(set(factor) - seen)
-        raise ValueError(f"{len(extra)} images of the plan are not in the datasets, e.g. {extra[0]} (stale plan?)")
-    if not weights:
-        raise ValueError("make_sampler: the datasets are empty")
+    weights = plan_weights(plan, order)
     n = int(epoch_size if epoch_size is not None else plan["epoch_size"])
     return WeightedRandomSampler(torch.tensor(weights, dtype=torch.float64), num_samples=n, replacement=True,
                                  generator=generator)

@@ -230,7 +230,7 @@ class DistributedWeightedSampler(Sampler[int]):
     """
 
     def __init__(self, weights: Sequence[float] | torch.Tensor, *, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0) -> None:
+                 rank: int | None = None, seed: int = 0, num_samples: int | None = None) -> None:
         self.weights = check_sampler_weights(weights)
         self.num_replicas = get_world_size() if num_replicas is None else num_replicas
         self.rank = get_rank() if rank is None else rank
@@ -238,7 +238,8 @@ class DistributedWeightedSampler(Sampler[int]):
             raise ValueError(f"rank {self.rank} is out of range for {self.num_replicas} replicas")
         self.seed = seed
         self.epoch = 0
-        self.num_samples = math.ceil(len(self.weights) / self.num_replicas)
+        # ``num_samples``: draws per epoch over all ranks (default: one per item), split evenly between the ranks.
+        self.num_samples = math.ceil((num_samples or len(self.weights)) / self.num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         """Pick the epoch whose draw :meth:`__iter__` returns."""

@@ -95,6 +95,7 @@ class Trainer:
         evaluate_fn: Scores the EMA model; its metrics are logged and returned.
         loss_fn: Replaces the default ``model.loss(model(images), targets, ...)`` (distillation).
         sampler_weights: One sampling weight per dataset item (class rebalancing); sampling with replacement.
+        epoch_size: Items drawn per epoch with ``sampler_weights`` (default: the dataset's length).
         extra_modules: Modules trained with the model (adapters); optimised, saved in ``last.pt``, not in the EMA.
         class_names: Label ``i`` is ``class_names[i]``; stored in the checkpoints.
         input_size: Square input side; stored in the checkpoints.
@@ -127,6 +128,7 @@ class Trainer:
         evaluate_fn: EvaluateFn | None = None,
         loss_fn: LossFn | None = None,
         sampler_weights: Sequence[float] | torch.Tensor | None = None,
+        epoch_size: int | None = None,
         extra_modules: nn.Module | None = None,
         class_names: Sequence[str],
         input_size: int,
@@ -168,6 +170,9 @@ class Trainer:
         self.optimizer = build_optimizer(trained, params)
         self._trained_params = [p for m in trained for p in m.parameters() if p.requires_grad]
 
+        if epoch_size is not None and (sampler_weights is None or epoch_size < 1):
+            raise ValueError(f"epoch_size={epoch_size} needs sampler_weights and must be >= 1")
+        self.epoch_size = epoch_size
         self.loader, self.sampler = self._build_loader(train_dataset, collate_fn, sampler_weights)
         self.steps_per_epoch = len(self.loader)
         self.scheduler = build_scheduler(self.optimizer, params, self.steps_per_epoch)
@@ -207,9 +212,10 @@ class Trainer:
             if len(w) != n:
                 raise ValueError(f"sampler_weights has {len(w)} weights for a dataset of {n} items")
             if self.world_size > 1:
-                sampler = DistributedWeightedSampler(w, seed=self.params.seed)
+                sampler = DistributedWeightedSampler(w, seed=self.params.seed, num_samples=self.epoch_size)
             else:
-                sampler = WeightedRandomSampler(w, num_samples=n, replacement=True, generator=self._sampler_generator)
+                sampler = WeightedRandomSampler(w, num_samples=self.epoch_size or n, replacement=True,
+                                                generator=self._sampler_generator)
         elif self.world_size > 1:
             sampler = DistributedSampler(dataset, shuffle=True, seed=self.params.seed)
         else:
