@@ -1,0 +1,169 @@
+"""Benchmark: what each part of the engine adds to a student, on the labelled scenario test set.
+
+Trains the same student (``--student``, default the first of ``params.distill.students``) with the same budget
+(``distill.train.epochs x distill.epoch_size`` images) in cumulative variants:
+
+    baseline         general ground truth only (the ``baseline`` stage)
+    pseudo           + the curated scenario set (accepted and reviewed pseudo-labels); no teacher at train time
+    distill          + distillation from the teacher (every KD weight of params)
+    rebalance        + the rebalance stage's sampling plan
+    hard_negatives   + the mine stage's hard regions and pixels, and segmentation OHEM (= the ``distill`` stage)
+
+and scores each on the scenario test set: mAP, AP50, per-class AP, mIoU, confuser false positives per image
+(score >= 0.3, see :func:`dataengine.evaluation.confuser_false_positives`). Variants before ``hard_negatives`` run
+with OHEM off, so the last step measures image-level + pixel-level mining together (issue 6's ablation).
+
+Writes ``benchmarks/results/distill_ablation.json`` (every variant) and ``benchmarks/results/curation_ablation.json``
+(issue 6's keys: the rarest class's AP without/with rebalancing, i.e. ``distill`` vs ``rebalance``, and confuser
+false positives and AP50 without/with mining, i.e. ``rebalance`` vs ``hard_negatives``).
+
+Needs the outputs of ``dvc repro`` up to the mine stage (data/curated, data/rebalance, data/mined, the teacher).
+
+Usage:
+    python benchmarks/distill_ablation.py                       # all variants, ~2-3 min each on 2 CPU cores
+    python benchmarks/distill_ablation.py --variants distill rebalance --seeds 0 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dataengine.config import DistillLossParams, DistillParams, load_params
+from dataengine.data.coco import CategoryMap, load_coco
+from dataengine.distill import train_student
+from dataengine.engine.checkpoint import load_model
+from dataengine.evaluation import SegmentationMeter, confuser_false_positives, evaluate_detection
+from dataengine.inference import predict_coco
+from dataengine.io import atomic_write_json
+from dataengine.models import create_model
+
+VARIANTS = ("baseline", "pseudo", "distill", "rebalance", "hard_negatives")
+NO_KD = DistillLossParams(cls_kd=0.0, box_kd=0.0, feature=0.0, seg_kd=0.0)
+
+
+def variant_params(base: DistillParams, variant: str, seed: int) -> tuple[DistillParams, bool]:
+    """Params of one cumulative variant, and whether it is the baseline."""
+    no_ohem = dataclasses.replace(base.segmentation_loss, ohem=False)
+    train = dataclasses.replace(base.train, seed=seed)
+    steps = {
+        "baseline": dict(pseudo_labels=False, rebalance=False, hard_negatives=False, loss=NO_KD),
+        "pseudo": dict(pseudo_labels=True, rebalance=False, hard_negatives=False, loss=NO_KD,
+                       segmentation_loss=no_ohem),
+        "distill": dict(pseudo_labels=True, rebalance=False, hard_negatives=False, segmentation_loss=no_ohem),
+        "rebalance": dict(pseudo_labels=True, rebalance=True, hard_negatives=False, segmentation_loss=no_ohem),
+        "hard_negatives": dict(pseudo_labels=True, rebalance=True, hard_negatives=True),
+    }
+    return dataclasses.replace(base, train=train, **steps[variant]), variant == "baseline"
+
+
+def score(checkpoint: Path, data: Path) -> dict[str, Any]:
+    """Scenario-test metrics of a checkpoint (one prediction pass)."""
+    test = load_coco(data / "scenario/test.json")
+    model, ckpt = load_model(checkpoint, lambda config: create_model(**config))
+    results, meter = predict_coco(model, test, data / "scenario/test", input_size=int(ckpt["input_size"]))
+    det = evaluate_detection(test, results)
+    out = {k: det[k] for k in ("mAP", "AP50", "per_class_AP")}
+    out["confuser_fp_per_image"] = confuser_false_positives(test, results)["confuser_fp_per_image"]
+    out["mIoU"] = meter.compute()["mIoU"] if isinstance(meter, SegmentationMeter) else None
+    return out
+
+
+def rarest_class(general: Path, curated: Path) -> str:
+    """The class with the fewest instances in the training set (general ground truth + curated scenario)."""
+    cocos = [load_coco(general), load_coco(curated)]
+    cats = CategoryMap.from_coco(cocos[0])
+    counts = {name: 0 for name in cats.names}
+    for coco in cocos:
+        for ann in coco["annotations"]:
+            counts[cats.names[cats.label(int(ann["category_id"]))]] += 1
+    return min(counts, key=lambda name: (counts[name], name))
+
+
+def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "train_seconds"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        out[key] = round(statistics.fmean(values), 4) if values else None
+        if len(values) > 1:
+            out[key + "_std"] = round(statistics.stdev(values), 4)
+    out["per_class_AP"] = {c: round(statistics.fmean(r["per_class_AP"][c] for r in runs), 4)
+                           for c in runs[0]["per_class_AP"]}
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--student", default=None, help="a key of distill.students (default: the first)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--work", default="benchmarks/work/distill_ablation", help="checkpoints (gitignored)")
+    parser.add_argument("--out", default="benchmarks/results/distill_ablation.json")
+    parser.add_argument("--curation-out", default="benchmarks/results/curation_ablation.json")
+    args = parser.parse_args()
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    params = load_params(args.params, ["distill", "mine"])
+    student = args.student or next(iter(params.distill.students))
+    data, work = Path(args.data), Path(args.work)
+    rare = rarest_class(data / "general/train.json", Path("data/curated/scenario.json"))
+    results: dict[str, Any] = {}
+    for variant in args.variants:
+        runs = []
+        for seed in args.seeds:
+            vp, baseline = variant_params(params.distill, variant, seed)
+            out_dir = work / f"{variant}_seed{seed}"
+            t0 = time.perf_counter()
+            train_student(student, vp, params.mine, teacher="models/teacher/model.pt", data_root=data,
+                          curated="data/curated/scenario.json", plan="data/rebalance/plan.json", mined="data/mined",
+                          out_dir=out_dir, log_dir=out_dir / "dvclive", baseline=baseline, resume=False,
+                          progress=False)
+            run = score(out_dir / "model.pt", data)
+            run["train_seconds"] = round(time.perf_counter() - t0, 1)
+            runs.append(run)
+            print(f"{variant:15s} seed {seed}: AP50 {run['AP50']:.4f} mAP {run['mAP']:.4f} {rare} AP "
+                  f"{run['per_class_AP'][rare]:.4f} confuser FP/img {run['confuser_fp_per_image']} "
+                  f"({run['train_seconds']} s)", flush=True)
+        results[variant] = {**mean_over_seeds(runs), "runs": runs}
+
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "student": student,
+            "seeds": args.seeds, "budget_images": params.distill.train.epochs * params.distill.epoch_size,
+            "test_set": str(data / "scenario/test.json")}
+    atomic_write_json(args.out, {**meta, "variants": results}, indent=1)
+    if {"distill", "rebalance", "hard_negatives"} <= set(results):
+        curation = {
+            "rarest_class": rare,
+            "rare_AP_without": results["distill"]["per_class_AP"][rare],
+            "rare_AP_with": results["rebalance"]["per_class_AP"][rare],
+            "confuser_fp_without": results["rebalance"]["confuser_fp_per_image"],
+            "confuser_fp_with": results["hard_negatives"]["confuser_fp_per_image"],
+            "AP50_without": results["rebalance"]["AP50"],
+            "AP50_with": results["hard_negatives"]["AP50"],
+            "comparison": {"rebalancing": "variant 'distill' (without) vs 'rebalance' (with)",
+                           "mining": "variant 'rebalance' (without) vs 'hard_negatives' (with: mined regions and "
+                                     "pixels + OHEM)"},
+            **meta,
+        }
+        without, with_ = curation["confuser_fp_without"], curation["confuser_fp_with"]
+        curation["confuser_fp_reduction"] = round(1 - with_ / without, 4) if without else None
+        atomic_write_json(args.curation_out, curation, indent=1)
+        print(json.dumps({k: v for k, v in curation.items() if k not in meta and k != "comparison"}))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
