@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,12 @@ from dataengine.models.losses import (
 from dataengine.models.necks import BiFPN
 from dataengine.models.registry import register_model
 
+if TYPE_CHECKING:  # annotations only: the library takes the params dataclasses but does not need config at runtime
+    from dataengine.config import DetectionLossParams, SegmentationLossParams
+
 __all__ = [
+    "HARD_PIXEL_BIT",
+    "HARD_REGION_BIT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MultiTaskDetSeg",
@@ -69,11 +74,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STRIDES = (8, 16, 32)
 
+HARD_REGION_BIT = 1
+"""Bit of ``target["hard_negative"]``: the pixel lies in an image-level hard-negative region (a confuser)."""
+HARD_PIXEL_BIT = 2
+"""Bit of ``target["hard_negative"]``: a hard negative pixel (teacher confidently foreground, label background)."""
+
 Size = int | tuple[int, int]
 
 
 def _hw(size: Size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _values_at(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Values ``[B, N]`` of maps ``[B, H, W]`` at the pixels holding the location centres ``points`` ``[N, 2]`` (x, y),
+    clamped to the map (a location of a padded last row or column reads the map's edge)."""
+    h, w = maps.shape[-2:]
+    x = points[:, 0].long().clamp(0, w - 1)
+    y = points[:, 1].long().clamp(0, h - 1)
+    return maps[:, y, x]
 
 
 class MultiTaskDetSeg(nn.Module):
@@ -237,44 +256,134 @@ class MultiTaskDetSeg(nn.Module):
         ltrb = distribution_to_distance(dist.float(), self.reg_max) * strides.to(dist.device)[:, None]  # [B, N, 4]
         return distance_to_box(points.to(dist.device), ltrb)
 
-    def loss(self, outputs: dict[str, Any], targets: Sequence[dict[str, Any]], *, det_weight: float = 1.0,
-             seg_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        outputs: dict[str, Any],
+        targets: Sequence[dict[str, Any]],
+        *,
+        det_weight: float = 1.0,
+        seg_weight: float = 1.0,
+        detection_loss: DetectionLossParams | None = None,
+        segmentation_loss: SegmentationLossParams | None = None,
+        negative_weight: float = 1.0,
+        pixel_weight: float = 1.0,
+    ) -> dict[str, torch.Tensor]:
         """Training losses; ``loss`` is ``det_weight * (qfl + 2 giou + 0.25 dfl) + seg_weight * seg``.
+
+        With the defaults this is the plain GFL + cross-entropy loss (the teacher's), number for number. The student
+        adds hard-negative handling (see :func:`~dataengine.models.losses.gfl_loss` and
+        :func:`~dataengine.models.losses.semantic_loss`): ``detection_loss`` picks how negatives enter QFL (all, or
+        SSD's hardest), ``segmentation_loss`` turns on OHEM, and the mine stage's maps in ``target["hard_negative"]``
+        weight the detection negatives inside hard-negative regions by ``negative_weight`` and the hard negative
+        pixels by ``pixel_weight``.
 
         Args:
             outputs: :meth:`forward`'s output.
             targets: One dict per image: ``boxes`` ``[M, 4]`` xyxy input pixels (tensor or ``tv_tensors``),
                 ``labels`` int64 ``[M]``, and with segmentation ``semantic`` int64 ``[H, W]`` (255 = ignore; all 255
-                for images without masks, which contribute nothing). ``M`` may be 0.
+                for images without masks, which contribute nothing). ``M`` may be 0. Optionally ``hard_negative``
+                uint8 ``[H, W]`` at the input resolution (tensor or ``tv_tensors.Mask``): bit
+                :data:`HARD_REGION_BIT` (1) inside a mined hard-negative region, bit :data:`HARD_PIXEL_BIT` (2) on a
+                hard negative pixel; an image without it has none.
+            det_weight: Weight of the detection terms.
+            seg_weight: Weight of the segmentation term.
+            detection_loss: ``negatives`` (``"focal"`` / ``"ssd"``), ``neg_pos_ratio``, ``min_negatives``;
+                ``None`` = all negatives (``"focal"``).
+            segmentation_loss: ``ohem``, ``ohem_threshold``, ``ohem_min_kept``; ``None`` = no OHEM.
+            negative_weight: QFL weight of a negative location whose centre pixel has :data:`HARD_REGION_BIT` set.
+            pixel_weight: Cross-entropy weight of a pixel with :data:`HARD_PIXEL_BIT` set.
 
         Returns:
-            Scalar tensors: ``loss`` and the unweighted parts ``qfl``, ``dfl``, ``giou`` (detection) and ``seg``.
+            Scalar tensors: ``loss`` and the unweighted parts ``qfl``, ``dfl``, ``giou`` (detection) and ``seg``. With
+            ``detection_loss`` given or ``negative_weight != 1`` also the detached detection statistics
+            ``neg_kept`` and ``hard_locations``; with ``segmentation_loss`` given or ``pixel_weight != 1`` also
+            ``ohem_kept_share`` and ``hard_pixel_share`` (the Trainer logs every key; only ``loss`` is
+            back-propagated).
 
         Raises:
-            ValueError: A target misses a key of an enabled task, or has labels/classes out of range.
+            ValueError: A target misses a key of an enabled task, or has labels/classes out of range; a
+                ``hard_negative`` map that is not ``[H, W]`` at the input resolution; a negative weight.
 
         Example:
             >>> import torch
+            >>> from dataengine.config import DetectionLossParams, SegmentationLossParams
             >>> from dataengine.models import create_model
             >>> m = create_model("mobilenet_v3_small_gfl", num_classes=2)
             >>> targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
             ...             "semantic": torch.full((64, 64), 255)}]
-            >>> sorted(m.loss(m(torch.rand(1, 3, 64, 64)), targets))
+            >>> out = m(torch.rand(1, 3, 64, 64))
+            >>> sorted(m.loss(out, targets))
             ['dfl', 'giou', 'loss', 'qfl', 'seg']
+            >>> targets[0]["hard_negative"] = torch.zeros(64, 64, dtype=torch.uint8)
+            >>> targets[0]["hard_negative"][40:, 40:] = HARD_REGION_BIT
+            >>> losses = m.loss(out, targets, detection_loss=DetectionLossParams(negatives="ssd"),
+            ...                 segmentation_loss=SegmentationLossParams(), negative_weight=3.0, pixel_weight=3.0)
+            >>> losses["hard_locations"].item()  # centres in [40, 64)^2: 3 x 3 at stride 8, 2 x 2 at 16, 1 at 32
+            14.0
         """
+        if negative_weight < 0 or pixel_weight < 0:
+            raise ValueError(f"negative_weight and pixel_weight must be >= 0, got {negative_weight} and {pixel_weight}")
+        # [B, H, W] uint8, or None when no image has one or no weight would use it (the defaults never read the maps)
+        hard = self._hard_negative_maps(targets) if negative_weight != 1.0 or pixel_weight != 1.0 else None
         losses: dict[str, torch.Tensor] = {}
         total = None
         if self.det_head is not None:
             points, strides, counts = self._points_of(outputs)
-            losses.update(gfl_loss(outputs["cls_logits"], outputs["bbox_dist"], points, strides, counts, targets,
-                                   self.reg_max))
+            weights = None
+            if hard is not None and negative_weight != 1.0:
+                p3 = outputs["features"][0]
+                if tuple(math.ceil(side / self.strides[0]) for side in hard.shape[-2:]) != tuple(p3.shape[-2:]):
+                    raise ValueError(f"hard_negative maps {list(hard.shape[-2:])} do not match the input size "
+                                     f"(stride-{self.strides[0]} grid {list(p3.shape[-2:])}); pass them at the "
+                                     f"network's input resolution")
+                hard = hard.to(p3.device)
+                in_region = (_values_at(hard, points.to(hard.device)) & HARD_REGION_BIT) > 0  # [B, N]
+                weights = torch.where(in_region, float(negative_weight), 1.0)  # [B, N]
+            det = {} if detection_loss is None else {"negatives": detection_loss.negatives,
+                                                     "neg_pos_ratio": detection_loss.neg_pos_ratio,
+                                                     "min_negatives": detection_loss.min_negatives}
+            terms = gfl_loss(outputs["cls_logits"], outputs["bbox_dist"], points, strides, counts, targets,
+                             self.reg_max, negative_weight=weights, **det)
+            if detection_loss is None and negative_weight == 1.0:  # the plain loss: the teacher logs no statistics
+                terms = {key: terms[key] for key in ("qfl", "dfl", "giou")}
+            losses.update(terms)
             total = det_weight * (QFL_WEIGHT * losses["qfl"] + GIOU_WEIGHT * losses["giou"]
                                   + DFL_WEIGHT * losses["dfl"])
         if self.seg_head is not None:
-            losses["seg"] = semantic_loss(outputs["seg_logits"], self._semantic_targets(outputs, targets))
+            semantic = self._semantic_targets(outputs, targets)  # [B, H, W]
+            weights = None
+            if hard is not None and pixel_weight != 1.0:
+                if hard.shape != semantic.shape:
+                    raise ValueError(f"hard_negative maps {list(hard.shape[-2:])} and semantic masks "
+                                     f"{list(semantic.shape[-2:])} must have the same size (the input's)")
+                hard = hard.to(semantic.device)
+                weights = torch.where((hard & HARD_PIXEL_BIT) > 0, float(pixel_weight), 1.0)  # [B, H, W]
+            ohem = {} if segmentation_loss is None or not segmentation_loss.ohem else {
+                "ohem_threshold": segmentation_loss.ohem_threshold, "ohem_min_kept": segmentation_loss.ohem_min_kept}
+            if segmentation_loss is None and pixel_weight == 1.0:  # the plain loss: no statistics
+                losses["seg"] = semantic_loss(outputs["seg_logits"], semantic)
+            else:
+                losses["seg"], stats = semantic_loss(outputs["seg_logits"], semantic, pixel_weight=weights,
+                                                     return_stats=True, **ohem)
+                losses.update(stats)
             total = seg_weight * losses["seg"] if total is None else total + seg_weight * losses["seg"]
         assert total is not None  # the constructor refuses a model without heads
         return {"loss": total, **losses}
+
+    @staticmethod
+    def _hard_negative_maps(targets: Sequence[dict[str, Any]]) -> torch.Tensor | None:
+        # ``hard_negative`` maps stacked to [B, H, W] uint8, all-zero for images without one; None if no image has one.
+        maps = {i: t["hard_negative"] for i, t in enumerate(targets) if t.get("hard_negative") is not None}
+        if not maps:
+            return None
+        plain = {i: torch.as_tensor(m).as_subclass(torch.Tensor) for i, m in maps.items()}
+        shapes = {tuple(m.shape) for m in plain.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+            raise ValueError(f"hard_negative maps must be [H, W] and share a size within a batch, got {sorted(shapes)}")
+        first = next(iter(plain.values()))
+        zeros = torch.zeros(first.shape, dtype=torch.uint8, device=first.device)
+        return torch.stack([plain[i].to(device=first.device, dtype=torch.uint8) if i in plain else zeros
+                            for i in range(len(targets))])
 
     def _semantic_targets(self, outputs: dict[str, Any], targets: Sequence[dict[str, Any]]) -> torch.Tensor:
         logits = outputs["seg_logits"]
