@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                "dataengine.review.cli:review_cli"),
     "profile": ("run the pipeline with a params profile (e.g. bccd) as a DVC experiment",
                 "dataengine.profiles:profile_cli"),
+    "predict": ("run a trained student (.pt, ONNX or INT8 ONNX) over images; write COCO results JSON",
+                "dataengine.predictor:predict_cli"),
 }
 
 
