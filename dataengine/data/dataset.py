@@ -8,7 +8,10 @@ A labelled sample is ``(image, target)`` with ``image`` a float32 ``tv_tensors.I
 - ``masks``: ``tv_tensors.Mask`` uint8 ``[N, S, S]``, only with ``with_instance_masks=True``;
 - ``semantic``: int64 ``[S, S]``, 0 background, label + 1, 255 ignore; ``has_semantic`` says whether it carries
   any supervision (it is all 255 for datasets without masks, and with ``with_semantic=False``);
-- ``image_id`` (int), ``orig_size`` (int64 ``[2]``, ``h, w``) and ``weight`` (float32 scalar, 1 unless given).
+- ``image_id`` (int), ``orig_size`` (int64 ``[2]``, ``h, w``) and ``weight`` (float32 scalar, 1 unless given);
+- ``hard_negative``: uint8 ``[S, S]``, only with ``hard_maps=``: the mine stage's map of the image (bit 1 inside a
+  hard-negative region, bit 2 on a hard negative pixel; :mod:`dataengine.curation.mining`) transformed jointly with
+  the image (nearest resampling, padding 0), all zeros for an image without a map.
 
 Crowd annotations (``iscrowd=1``) are never detection targets; they are ignore regions in the semantic mask.
 
@@ -21,7 +24,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +45,20 @@ from dataengine.data.coco import (
     semantic_from_instances,
 )
 from dataengine.data.images import list_images, read_image
-from dataengine.data.transforms import Letterbox, SemanticMask, letterbox_params
+from dataengine.data.transforms import HardNegativeMask, Letterbox, SemanticMask, letterbox_params
 from dataengine.io import safe_join
 
-__all__ = ["CocoDetectionSegDataset", "ImageFolderDataset", "collate", "read_semantic_file", "stack_semantic"]
+__all__ = [
+    "CocoDetectionSegDataset",
+    "ImageFolderDataset",
+    "collate",
+    "read_hard_map",
+    "read_semantic_file",
+    "stack_semantic",
+]
+
+HARD_MAP_MAX = 3
+"""Largest value of a hard-negative map: bits 1 (region) and 2 (pixel)."""
 
 Sample = tuple[torch.Tensor, dict[str, Any]]
 
@@ -90,6 +103,39 @@ def read_semantic_file(path: str | Path, height: int, width: int, lut: np.ndarra
     return np.where(ids > 255, IGNORE_INDEX, lut[np.clip(ids, 0, 255)]).astype(np.uint8)
 
 
+def read_hard_map(path: str | Path, height: int, width: int) -> np.ndarray:
+    """Read a hard-negative map PNG of the mine stage (uint8, values 0..3, the image's size).
+
+    Raises:
+        FileNotFoundError: The file is missing.
+        ValueError: Unreadable, not single-channel 8-bit, not ``height x width``, or a value above 3; the message
+            names the file.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "m.png"
+        >>> Image.fromarray(np.array([[0, 3]], np.uint8)).save(p)
+        >>> read_hard_map(p, 1, 2).tolist()
+        [[0, 3]]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"hard-negative map not found: {path}")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            bits = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{path}: unreadable hard-negative map ({err})") from None
+    if mode != "L" or bits.ndim != 2:
+        raise ValueError(f"{path}: a hard-negative map must be a single-channel 8-bit PNG (mode L), got mode {mode}")
+    if bits.shape != (height, width):
+        raise ValueError(f"{path}: hard-negative map is {bits.shape[0]}x{bits.shape[1]}, its image is {height}x{width}")
+    if bits.size and int(bits.max()) > HARD_MAP_MAX:
+        raise ValueError(f"{path}: hard-negative map values must be in 0..{HARD_MAP_MAX}, got {int(bits.max())}")
+    return bits.astype(np.uint8)
+
+
 class CocoDetectionSegDataset(Dataset[Sample]):
     """A COCO file as a detection + semantic segmentation dataset.
 
@@ -106,6 +152,9 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         semantic_root: Folder the ``semantic_file`` entries are relative to. Default: the file's top-level
             ``"semantic_root"`` (relative to the COCO file's folder; the filter and review stages write masks
             beside their COCO file, as the pool images are another stage's output) or else ``image_root``.
+        hard_maps: Image id -> hard-negative map PNG (:func:`dataengine.curation.mining.hard_maps_for`). When
+            given (even empty), every sample gets ``target["hard_negative"]``, zeros for images not in it, so a
+            batch is uniform.
 
     Semantic target, in order of preference: the image's ``semantic_file``; otherwise, if the dataset has any mask
     (a ``segmentation`` or a ``semantic_file`` anywhere), the instance masks rasterised with crowd regions as
@@ -130,6 +179,7 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         with_semantic: bool = True,
         image_weights: dict[int, float] | None = None,
         semantic_root: str | Path | None = None,
+        hard_maps: Mapping[int, str | Path] | None = None,
     ) -> None:
         self.coco = load_coco(coco) if isinstance(coco, (str, Path)) else coco
         self.image_root = Path(image_root)
@@ -144,6 +194,7 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         self.with_instance_masks = with_instance_masks
         self.with_semantic = with_semantic
         self.image_weights = dict(image_weights or {})
+        self.hard_maps = {int(k): Path(v) for k, v in hard_maps.items()} if hard_maps is not None else None
         self.images: list[dict[str, Any]] = list(self.coco["images"])
         self._anns = annotations_by_image(self.coco)
         self._lut = self.categories.semantic_lut()
@@ -181,6 +232,10 @@ class CocoDetectionSegDataset(Dataset[Sample]):
             target["masks"] = tv_tensors.Mask(torch.from_numpy(stacked))  # [N, H, W]
         semantic, has_semantic = self._semantic(info, anns, h, w)
         target["semantic"] = SemanticMask(torch.from_numpy(semantic))  # [H, W]
+        if self.hard_maps is not None:
+            path = self.hard_maps.get(image_id)
+            bits = read_hard_map(path, h, w) if path is not None else np.zeros((h, w), dtype=np.uint8)
+            target["hard_negative"] = HardNegativeMask(torch.from_numpy(bits))  # [H, W]
 
         image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))  # [3, H, W]
         if self.transforms is not None:
@@ -188,6 +243,8 @@ class CocoDetectionSegDataset(Dataset[Sample]):
         else:
             image = v2.functional.to_dtype(image, torch.float32, scale=True)
         target["semantic"] = target["semantic"].as_subclass(torch.Tensor).to(torch.int64)  # [S, S]
+        if "hard_negative" in target:
+            target["hard_negative"] = target["hard_negative"].as_subclass(torch.Tensor).to(torch.uint8)  # [S, S]
         target["has_semantic"] = has_semantic
         target["image_id"] = image_id
         target["orig_size"] = torch.tensor([h, w], dtype=torch.int64)

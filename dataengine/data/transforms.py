@@ -2,9 +2,10 @@
 
 Every transform applies to one sample ``(image, target)`` jointly: ``tv_tensors.Image`` uint8 ``[3, H, W]``,
 ``target["boxes"]`` (``tv_tensors.BoundingBoxes`` XYXY), ``target["labels"]``, ``target["masks"]`` (instance
-``tv_tensors.Mask`` ``[N, H, W]``) and ``target["semantic"]`` (:class:`SemanticMask` ``[H, W]``: 0 background,
-1..K classes, 255 ignore). Masks are always resampled with nearest neighbours, so the ignore value is never
-blended into a class.
+``tv_tensors.Mask`` ``[N, H, W]``), ``target["semantic"]`` (:class:`SemanticMask` ``[H, W]``: 0 background,
+1..K classes, 255 ignore) and optionally ``target["hard_negative"]`` (:class:`HardNegativeMask` ``[H, W]``: the mine
+stage's bits, 0 where nothing is mined). Masks are always resampled with nearest neighbours, so the ignore value is
+never blended into a class and the bits are never blended into each other.
 
 Padding and zoom-out areas are not real image: they are 255 (ignore) in the semantic mask so that the segmentation
 head is never taught that padding is background, but 0 in instance masks (no object there). v2 chooses a fill value
@@ -12,7 +13,8 @@ by the exact tv_tensor type of each input (``transforms.v2._utils._get_fill`` lo
 kernels dispatch along the MRO, so a subclass ``SemanticMask(tv_tensors.Mask)`` gets every Mask kernel unchanged
 (nearest resize, crop, flip, pad) and its own fill. The one v2 transform that treats masks by shape rather than by
 type is ``SanitizeBoundingBoxes`` (it indexes any Mask with the ``[N]`` validity vector, which silently picks rows
-of an ``[H, W]`` semantic mask when ``N == H``), so :class:`SanitizeBoxesKeepSemantic` passes SemanticMask through.
+of an ``[H, W]`` semantic mask when ``N == H``), so :class:`SanitizeBoxesKeepSemantic` passes SemanticMask (and the
+per-pixel :class:`HardNegativeMask`, padded with 0: padding is no mined negative) through.
 The alternatives were worse: a validity mask carried beside the semantic mask doubles the work and can drift, and
 filling with 0 then re-marking would need the padded geometry of every random transform.
 
@@ -49,6 +51,7 @@ from dataengine.data.coco import IGNORE_INDEX
 __all__ = [
     "FILL",
     "IMAGE_FILL",
+    "HardNegativeMask",
     "PRESETS",
     "Letterbox",
     "SanitizeBoxesKeepSemantic",
@@ -72,16 +75,26 @@ class SemanticMask(tv_tensors.Mask):
     """
 
 
-FILL: dict[Any, Any] = {tv_tensors.Image: IMAGE_FILL, SemanticMask: IGNORE_INDEX, tv_tensors.Mask: 0, "others": 0}
+class HardNegativeMask(tv_tensors.Mask):
+    """A per-pixel map ``[H, W]`` of the mine stage's hard-negative bits (uint8, 0 = nothing mined).
+
+    Like :class:`SemanticMask` it is one map per image, not one mask per box, so box sanitisation leaves it alone;
+    unlike it, padding is 0: the canvas outside the image is neither a mined region nor a hard pixel.
+    """
+
+
+FILL: dict[Any, Any] = {tv_tensors.Image: IMAGE_FILL, SemanticMask: IGNORE_INDEX, HardNegativeMask: 0,
+                        tv_tensors.Mask: 0, "others": 0}
 """Per-type fill for every padding / zoom-out transform (v2 looks the fill up by exact type)."""
 
 
 class SanitizeBoxesKeepSemantic(v2.SanitizeBoundingBoxes):
     """``v2.SanitizeBoundingBoxes`` that drops degenerate boxes with their labels and instance masks, but never
-    touches a :class:`SemanticMask` (the base class would index it with the per-box validity vector)."""
+    touches a per-image map, :class:`SemanticMask` or :class:`HardNegativeMask` (the base class would index it with
+    the per-box validity vector)."""
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if isinstance(inpt, SemanticMask):
+        if isinstance(inpt, (SemanticMask, HardNegativeMask)):
             return inpt
         return super().transform(inpt, params)
 

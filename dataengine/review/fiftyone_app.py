@@ -24,6 +24,15 @@ original. Saved views: ``review_queue`` (images with review-band labels, highest
 ``review.hard_negative_score``). The App shows ``accepted``, ``review`` and ``ground_truth`` by default (the other
 fields are one click away in the sidebar; a choice saved in the App is kept on re-runs).
 
+**Mined hard negatives.** When the ``mine`` stage's ``hard_negatives.json`` exists (``--mined``, default
+``data/mined`` beside ``--filtered``), its images (scenario and general) get ``hard_negative_regions``
+(``fo.Detections``: the teacher's boxes that became regions, ``confidence`` its score), ``hard_negative_reasons`` and
+``hard_negative_map`` (``fo.Segmentation`` of the map: 1 region, 2 hard pixel, 3 both), and the saved view
+``mined_hard_negatives`` lists them (:func:`apply_mined_hard_negatives`). It is a view of its own, not a new
+``hard_negatives``: that one is the reviewers' *input* (candidates to tag ``negative``, from the filter's bands),
+the mined set is an *output* computed from their decisions, general train included; mixing the two would make the
+review queue depend on a stage downstream of the review.
+
 **Heavy fields are capped.** The teacher keeps every low-score box (the demo: 98k boxes on 600 images, 96k of them
 rejected), which makes the dataset slow to write and the App unreadable. ``teacher`` and ``rejected`` therefore
 hold, per image, the ``max_per_image`` highest-scoring boxes with score >= ``min_score`` (defaults
@@ -99,6 +108,8 @@ __all__ = [
     "cap_records",
     "build_dataset",
     "save_review_views",
+    "mined_to_detections",
+    "apply_mined_hard_negatives",
     "app_url",
     "launch_app",
     "pull_decisions",
@@ -110,6 +121,8 @@ BAND_FIELDS = ("accepted", "review", "rejected")  # the filter's bands: where re
 LABEL_TAGS = ("accept", "reject")
 SAMPLE_TAGS = ("negative", "relabel")
 VIEW_NAMES = ("review_queue", "rejected_confident", "hard_negatives")
+MINED_VIEW = "mined_hard_negatives"  # saved only when the mine stage's output exists
+MINED_FIELDS = ("hard_negative_regions", "hard_negative_reasons", "hard_negative_map")
 TEACHER_MAX_PER_IMAGE = 50  # per image, in the teacher and rejected fields (the filter's own max_per_image scale)
 TEACHER_MIN_SCORE = 0.05  # below this the teacher's boxes are noise to a reviewer (demo: 61% of all boxes)
 SOURCE = "fiftyone"
@@ -509,6 +522,63 @@ def save_review_views(dataset: fo.Dataset, *, confident_reject_score: float, har
     return list(views)
 
 
+def mined_to_detections(entry: Mapping[str, Any], width: float, height: float) -> fo.Detections:
+    """The regions of one ``hard_negatives.json`` entry as ``fo.Detections`` (relative boxes, score as confidence)."""
+    return _detections(fo.Detection(label=r["class_name"], confidence=r["score"],
+                                    bounding_box=xyxy_to_relative_xywh(r["bbox"], width, height).tolist())
+                       for r in entry["regions"])
+
+
+def apply_mined_hard_negatives(dataset: fo.Dataset, mined_doc: Mapping[str, Any] | None, *, mined_root: str | Path,
+                               pool_root: str | Path, general_root: str | Path | None) -> dict[str, int]:
+    """Show the ``mine`` stage's output: the fields of :data:`MINED_FIELDS` and the saved view :data:`MINED_VIEW`.
+
+    Values of a previous run are cleared first; with ``mined_doc=None`` (no mine output) the view is removed.
+
+    Args:
+        dataset: The review dataset (:func:`build_dataset`).
+        mined_doc: The parsed ``hard_negatives.json``, or ``None``.
+        mined_root: Its folder (map paths are relative to it).
+        pool_root: The scenario pool (scenario ``file_name`` is relative to it).
+        general_root: The general images (general ``file_name`` is relative to it), or ``None``.
+
+    Returns:
+        ``{"samples": shown, "missing": entries without a sample in the dataset}``.
+    """
+    for name in MINED_FIELDS:
+        if dataset.has_sample_field(name):
+            dataset.clear_sample_field(name)
+    if mined_doc is None:
+        if MINED_VIEW in dataset.list_saved_views():
+            dataset.delete_saved_view(MINED_VIEW)
+        return {"samples": 0, "missing": 0}
+    roots = {"scenario": Path(pool_root).resolve(), "general": Path(general_root).resolve() if general_root else None}
+    paths, ids, widths, heights = dataset.values(["filepath", "id", "metadata.width", "metadata.height"])
+    by_path = {p: (i, w, h) for p, i, w, h in zip(paths, ids, widths, heights)}
+    values: dict[str, dict[str, Any]] = defaultdict(dict)
+    missing = 0
+    for entry in mined_doc["images"]:
+        root = roots.get(entry["source"])
+        found = by_path.get(str(root / entry["file_name"])) if root is not None else None
+        if found is None:
+            missing += 1
+            continue
+        sid, width, height = found
+        values["hard_negative_regions"][sid] = mined_to_detections(entry, width, height)
+        values["hard_negative_reasons"][sid] = list(entry["reasons"])
+        values["hard_negative_map"][sid] = (fo.Segmentation(mask_path=str((Path(mined_root) / entry["map"]).resolve()))
+                                            if entry.get("map") else None)
+    for name, by_id in values.items():
+        dataset.set_values(name, by_id, key_field="id", validate=False, progress=False)
+    dataset.mask_targets = {**dataset.mask_targets,
+                            "hard_negative_map": {1: "region", 2: "hard pixel", 3: "region + hard pixel"}}
+    dataset.save()
+    view = dataset.exists("hard_negative_reasons") if values else dataset.limit(0)
+    dataset.save_view(MINED_VIEW, view, description="mine stage: teacher false alarms (regions) and hard pixels",
+                      overwrite=True)
+    return {"samples": len(values["hard_negative_regions"]), "missing": missing}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The App
 # --------------------------------------------------------------------------------------------------------------
@@ -610,6 +680,8 @@ def open_cli(argv: Sequence[str]) -> int:
                         help="teacher/rejected boxes shown per image (default: %(default)s)")
     parser.add_argument("--min-score", type=float, default=TEACHER_MIN_SCORE,
                         help="teacher/rejected boxes below this score are not shown (default: %(default)s)")
+    parser.add_argument("--mined", help="mine stage output (hard_negatives.json, maps/); default: mined/ beside "
+                        "--filtered (data/mined); shown as the view mined_hard_negatives when it exists")
     args = parser.parse_args(list(argv))
     params = _review_params(args.params)
     name = args.dataset or params.dataset_name
@@ -621,6 +693,15 @@ def open_cli(argv: Sequence[str]) -> int:
                     "prepared": str(Path(args.data).resolve())})
     views = save_review_views(dataset, confident_reject_score=params.confident_reject_score,
                               hard_negative_score=params.hard_negative_score)
+    mined = Path(args.mined) if args.mined else Path(args.filtered).parent / "mined"
+    mined_file = mined / "hard_negatives.json"
+    mined_doc = read_json(mined_file) if mined_file.is_file() else None
+    shown = apply_mined_hard_negatives(dataset, mined_doc, mined_root=mined, pool_root=inputs.pool_root,
+                                       general_root=inputs.general_root)
+    if mined_doc is not None:
+        views.append(MINED_VIEW)
+        print(f"mined hard negatives ({mined_file}): {shown['samples']} samples"
+              + (f", {shown['missing']} listed images not in the dataset" if shown["missing"] else ""))
     labels = ", ".join(f"{k} {v}" for k, v in summary["labels"].items())
     dropped = ", ".join(f"{k} {v}" for k, v in summary["dropped"].items())
     print(f"dataset {name!r}: {summary['samples']} samples ({summary['new_samples']} new, "
