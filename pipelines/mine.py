@@ -16,7 +16,7 @@ from dataengine.curation import mine_hard_negatives, mining_metrics, mining_summ
 from dataengine.data.coco import CategoryMap, load_coco
 from dataengine.data.layout import PreparedLayout
 from dataengine.engine.checkpoint import load_model
-from dataengine.io import atomic_write_json
+from dataengine.io import atomic_write_json, read_json
 from dataengine.models import create_model
 from dataengine.review.decisions import load_decisions
 
@@ -28,6 +28,8 @@ def main() -> int:
     parser.add_argument("--data", default="data/prepared", help="prepare stage output")
     parser.add_argument("--curated", default="data/curated/scenario.json", help="curated scenario set (COCO)")
     parser.add_argument("--pseudo", default="data/pseudo", help="pseudo_label stage output (pool/predictions.json)")
+    parser.add_argument("--review-queue", default="data/filtered/review_queue.json",
+                        help="filter stage review queue: boxes nobody decided yet are never negatives")
     parser.add_argument("--decisions", default="data/review/decisions.json", help="reviewer decisions file")
     parser.add_argument("--out", default="data/mined", help="output folder (hard_negatives.json, maps/)")
     parser.add_argument("--metrics", default="metrics/mine.json", help="metrics JSON to write")
@@ -37,12 +39,15 @@ def main() -> int:
     start = time.perf_counter()
     params = load_params(args.params, ["mine"]).mine
     decisions = load_decisions(args.decisions)
+    review_queue = read_json(args.review_queue)
+    if not isinstance(review_queue, list):
+        raise SystemExit(f"mine: {args.review_queue}: expected a list of review records (filter stage output)")
     teacher = None
     if "general" in params.sources:
         names = list(CategoryMap.from_coco(load_coco(PreparedLayout(args.data).general_train)).names)
         teacher, _ = load_model(args.teacher, lambda c: create_model(**c), class_names=names)
     result = mine_hard_negatives(params, data_root=args.data, curated=args.curated, pseudo=args.pseudo,
-                                 decisions=decisions, teacher=teacher, progress=not args.no_progress)
+                                 decisions=decisions, review_queue=review_queue, teacher=teacher, progress=not args.no_progress)
     write_mined(result, args.out)
     metrics = mining_metrics(result)
     atomic_write_json(args.metrics, metrics)

@@ -109,9 +109,20 @@ def test_max_regions_cap_keeps_highest_scores_with_deterministic_ties() -> None:
 def test_pixel_rule_counts_only_labelled_background() -> None:
     fg = np.array([[0.9, 0.8, 0.79, 0.95], [0.99, 0.99, 0.0, 0.85]], dtype=np.float32)
     label = np.array([[0, 0, 0, 255], [1, 2, 0, 0]], dtype=np.uint8)
-    assert hard_pixel_mask(fg, label, 0.8).tolist() == [[True, True, False, False], [False, False, False, True]]
+    assert hard_pixel_mask(fg, label, 0.8, edge_band=0).tolist() == [[True, True, False, False],
+                                                                       [False, False, False, True]]
     with pytest.raises(ValueError, match="differ in size"):
         hard_pixel_mask(fg, label[:, :2], 0.8)
+
+
+def test_pixels_near_a_labelled_object_are_never_hard() -> None:
+    label = np.zeros((7, 7), np.uint8)
+    label[3, 3] = 2  # one object pixel in the middle
+    hard = hard_pixel_mask(np.ones((7, 7), np.float32), label, 0.8)  # default band: 2 px (8-connected)
+    expected = np.ones((7, 7), bool)
+    expected[1:6, 1:6] = False
+    assert hard.tolist() == expected.tolist()
+    assert hard_pixel_mask(np.ones((7, 7), np.float32), label, 0.8, edge_band=1).sum() == 49 - 9
 
 
 def test_stored_foreground_is_exact_on_background_argmax_and_a_bound_elsewhere() -> None:
@@ -241,6 +252,21 @@ def test_scenario_stage_document_metrics_and_maps(scenario_tree: dict[str, Any],
                                "reviewer_negative 1), 3 regions") and "skipped 1 x negative_not_curated" in lines[-1]
 
 
+def test_undecided_review_boxes_are_never_negatives(scenario_tree: dict[str, Any]) -> None:
+    queue = [{"id": "a.png#7", "file_name": "a.png", "bbox": [5.0, 5.0, 9.0, 8.0]}]  # over a.png's region
+
+    def regions(decisions: dict[str, Any]) -> list[Any]:
+        result = mine_hard_negatives(MineParams(sources=("scenario",)), data_root=scenario_tree["root"] / "prepared",
+                                     curated=scenario_tree["curated"], pseudo=scenario_tree["pseudo"],
+                                     decisions=decisions, review_queue=queue)
+        return [r["bbox"] for m in result.images["scenario"] if m.file_name == "a.png" for r in m.regions]
+
+    assert regions(scenario_tree["decisions"]) == []  # nobody decided the box yet: unknown, not negative
+    decided = json.loads(json.dumps(scenario_tree["decisions"]))
+    decided["labels"]["a.png#7"] = {"decision": "reject"}  # a reviewer rejected it: the region is back
+    assert regions(decided) == [[5.0, 5.0, 9.0, 8.0]]
+
+
 def test_reruns_are_byte_identical_and_remove_stale_maps(scenario_tree: dict[str, Any], tmp_path: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     stale = two / "maps" / "scenario" / "old.png.png"
@@ -314,7 +340,8 @@ def test_general_evidence_maps_teacher_outputs_back_to_original_pixels(tmp_path:
     mined = mine_image(ev, MineParams(), NAMES)
     assert mined.reasons == ["teacher_fp"]
     assert mined.regions == [{"bbox": [20.0, 4.0, 28.0, 12.0], "class_name": "circle", "score": 0.8}]
-    assert mined.hard_pixels == h * w - 32 - w and mined.pixel_classes == {"square": h * w - 32 - w}
+    band = 6 * 10 - 32  # the 2-px band around the 4 x 8 circle (rows 0-5, columns 0-9) is never hard
+    assert mined.hard_pixels == h * w - 32 - band - w and mined.pixel_classes == {"square": h * w - 32 - band - w}
 
 
 # ---------------------------------------------------------------------------------------------------------------
