@@ -164,8 +164,13 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class TeacherParams:
-    """The ``train_teacher`` stage."""
+    """The ``train_teacher`` stage.
 
+    ``checkpoint``: when set (a path), the stage trains nothing and adopts that checkpoint as the teacher -- e.g. a
+    distilled student, for the next round of the loop (noisy-student style; see the README, "Iterate").
+    """
+
+    checkpoint: str = ""
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     augment: AugmentParams = AugmentParams()

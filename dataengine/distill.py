@@ -66,13 +66,10 @@ from dataengine.engine.seeding import seed_everything
 from dataengine.inference import evaluate_model
 from dataengine.models import create_model
 from dataengine.models.losses import quality_focal_loss
+from dataengine.models.multitask import HARD_REGION_BIT, MultiTaskDetSeg, _values_at
 from dataengine.teacher import fit_resuming
 
 __all__ = ["DistillLoss", "FeatureAdapters", "build_student", "distill_terms", "train_student"]
-
-HARD_REGION_BIT = 1
-"""Bit of ``target["hard_negative"]`` marking pixels inside an image-level hard-negative region (see the mine stage)."""
-
 
 class FeatureAdapters(nn.Module):
     """One 1x1 convolution per pyramid level mapping student channels to teacher channels (FitNets' regressor)."""
@@ -86,23 +83,6 @@ class FeatureAdapters(nn.Module):
 
     def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return [conv(f) for conv, f in zip(self.convs, features)]
-
-
-def _location_map(maps: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Values ``[B, N]`` of per-pixel maps ``[B, H, W]`` at the location centres ``points`` ``[N, 2]`` (x, y)."""
-    h, w = maps.shape[-2:]
-    x = points[:, 0].long().clamp(0, w - 1)
-    y = points[:, 1].long().clamp(0, h - 1)
-    return maps[:, y, x]
-
-
-def _hard_maps(targets: Sequence[Mapping[str, Any]], size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    maps = []
-    for target in targets:
-        m = target.get("hard_negative")
-        maps.append(torch.zeros(size, dtype=torch.uint8, device=device) if m is None
-                    else torch.as_tensor(m).as_subclass(torch.Tensor).to(device=device, dtype=torch.uint8))
-    return torch.stack(maps)  # [B, H, W]
 
 
 def distill_terms(
@@ -213,8 +193,9 @@ class DistillLoss:
         silence = None
         if "cls_logits" in outputs:
             points, _, _ = model._points_of(outputs)
-            hard = _hard_maps(targets, tuple(images.shape[-2:]), images.device)  # [B, S, S]
-            silence = (_location_map(hard, points.to(images.device)) & HARD_REGION_BIT) > 0  # [B, N]
+            hard = MultiTaskDetSeg._hard_negative_maps(targets)  # [B, S, S] or None
+            if hard is not None:
+                silence = (_values_at(hard.to(images.device), points.to(images.device)) & HARD_REGION_BIT) > 0
         adapted = self.adapters(outputs["features"]) if self.adapters is not None else None
         kd = distill_terms(outputs, t_out, params=self.params.loss, reg_max=model.reg_max, adapted=adapted,
                            silence=silence)

@@ -29,7 +29,7 @@ from dataengine.engine.seeding import seed_everything
 from dataengine.inference import evaluate_model
 from dataengine.models import count_gflops, count_params_m, create_model
 
-__all__ = ["build_model", "train_teacher", "fit_resuming"]
+__all__ = ["adopt_teacher", "build_model", "train_teacher", "fit_resuming"]
 
 
 def build_model(params: ModelParams, num_classes: int, *, segmentation: bool | None = None) -> Any:
@@ -74,6 +74,33 @@ def fit_resuming(make_trainer: Callable[[], Trainer], out_dir: str | Path, *, re
         return make_trainer().fit(resume=False)
 
 
+def adopt_teacher(checkpoint: str | Path, out_dir: str | Path, class_names: list[str]) -> dict[str, Any]:
+    """Use an existing checkpoint (e.g. a distilled student) as the teacher: checked, then copied to ``model.pt``.
+
+    The next round of the loop then pseudo-labels, filters, mines and distils with it (noisy-student style: the
+    student of round ``n`` is the teacher of round ``n + 1``). The copy is atomic; ``last.pt`` is removed so that a
+    later training run does not resume from another model's state.
+
+    Raises:
+        CheckpointError: Unreadable, not a dataengine checkpoint, or made for other classes (named).
+    """
+    import hashlib
+
+    from dataengine.io import atomic_write
+
+    source = Path(checkpoint)
+    load_model(source, lambda config: create_model(**config), class_names=class_names)  # validates; weights_only
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = source.read_bytes()
+    with atomic_write(out / "model.pt", "wb") as fh:
+        fh.write(data)
+    (out / "last.pt").unlink(missing_ok=True)
+    print(f"train_teacher: adopted {source} as the teacher (no training)", file=sys.stderr)
+    return {"train_seconds": 0.0, "epochs": 0, "adopted_from": {"path": str(source),
+                                                                "sha256": hashlib.sha256(data).hexdigest()}}
+
+
 def train_teacher(
     params: TeacherParams,
     data_root: str | Path,
@@ -109,21 +136,28 @@ def train_teacher(
                        build_fn=lambda config: create_model(**config))
 
     start = time.perf_counter()
-    result = fit_resuming(make_trainer, out_dir, resume=resume)
+    if params.checkpoint:
+        result = adopt_teacher(params.checkpoint, out_dir, list(cats.names))
+    else:
+        result = fit_resuming(make_trainer, out_dir, resume=resume)
     if not is_main_process():
         return {}
     if result.get("resumed_from_epoch") is not None:
         print(f"train_teacher: resumed from the checkpoint of epoch {result['resumed_from_epoch']}", file=sys.stderr)
     final, _ = load_model(Path(out_dir) / "model.pt", lambda config: create_model(**config),
                           class_names=list(cats.names))
+    size = int(getattr(final, "input_size", size))  # an adopted checkpoint brings its own input size
     metrics: dict[str, Any] = {
         "general_val": evaluate_model(final, val_coco, layout.general_images, input_size=size, progress=progress),
         "params_m": round(count_params_m(final), 3),
         "gflops": round(count_gflops(final, size), 4),
         "train_seconds": round(float(result.get("train_seconds", time.perf_counter() - start)), 1),
         "epochs": result.get("epochs"),
-        "segmentation": segmentation,
+        "segmentation": bool(getattr(final, "segmentation", segmentation)),
+        "model": getattr(final, "name", params.model.name),
     }
+    if params.checkpoint:
+        metrics["adopted_from"] = result["adopted_from"]
     if layout.test_json.exists():
         metrics["scenario_test"] = evaluate_model(final, load_coco(layout.test_json), layout.test_images,
                                                   input_size=size, progress=progress)

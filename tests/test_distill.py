@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from dataengine.config import DistillLossParams
-from dataengine.distill import FeatureAdapters, _location_map, distill_terms
+from dataengine.distill import FeatureAdapters, distill_terms
 from dataengine.models import create_model
 
 ALL_ON = DistillLossParams(cls_kd=1.0, box_kd=1.0, feature=1.0, seg_kd=1.0)
@@ -95,13 +99,6 @@ def test_gradients_reach_the_student_and_adapters_not_the_teacher() -> None:
     assert all(p.grad is None for p in teacher.parameters())
 
 
-def test_location_map_samples_the_pixel_under_each_location_centre() -> None:
-    maps = torch.zeros(1, 16, 16, dtype=torch.uint8)
-    maps[0, 4, 12] = 1
-    points = torch.tensor([[12.0, 4.0], [4.0, 4.0], [100.0, 100.0]])  # the last is clamped to the corner
-    assert _location_map(maps, points).tolist() == [[1, 0, 0]]
-
-
 def test_adapters_refuse_mismatched_levels() -> None:
     with pytest.raises(ValueError, match="3 feature levels, teacher 2"):
         FeatureAdapters([8, 8, 8], [16, 16])
@@ -122,3 +119,123 @@ def test_trainer_epoch_size_sets_the_number_of_draws(tmp_path) -> None:
     with pytest.raises(ValueError, match="epoch_size=3 needs sampler_weights"):
         Trainer(model, data, params, tmp_path, collate_fn=collate, epoch_size=3, class_names=["a", "b"],
                 input_size=64, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The distill / baseline stage functions end to end on tiny demo data, and adopting a student as the next teacher
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny prepared data, a curated set (the pool's true labels stand in), a plan, a mined region, a teacher."""
+    from dataengine.config import DemoParams, RebalanceParams
+    from dataengine.curation.rebalance import plan_document, rebalance_coco
+    from dataengine.data.coco import load_coco
+    from dataengine.data.demo import generate_demo
+    from dataengine.engine.checkpoint import save_checkpoint
+    from dataengine.io import atomic_write_json
+
+    root = tmp_path_factory.mktemp("engine")
+    data = root / "prepared"
+    generate_demo(data, DemoParams(seed=5, image_size=64, n_train=12, n_val=4, n_pool=8, n_test=4), progress=False)
+    curated = load_coco(data / "scenario/pool_hidden.json")
+    atomic_write_json(root / "curated.json", curated)
+    general = load_coco(data / "general/train.json")
+    plan = plan_document(rebalance_coco({"general": general, "scenario": curated},
+                                        RebalanceParams(target="uniform", max_repeat=3.0)))
+    atomic_write_json(root / "plan.json", plan)
+    first = curated["images"][0]
+    mined = root / "mined"
+    (mined / "maps/scenario").mkdir(parents=True)
+    bits = np.zeros((first["height"], first["width"]), np.uint8)
+    bits[:32, :32] = 1  # a hard-negative region in the top-left quarter
+    map_name = f"maps/scenario/{first['file_name']}.png"
+    (mined / map_name).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(bits).save(mined / map_name)
+    atomic_write_json(mined / "hard_negatives.json", {"version": 1, "params": {}, "images": [
+        {"source": "scenario", "file_name": first["file_name"], "image_id": first["id"], "reasons": ["teacher_fp"],
+         "regions": [{"bbox": [0, 0, 32, 32], "class_name": "circle", "score": 0.9}], "hard_pixels": 0,
+         "map": map_name}]})
+    torch.manual_seed(0)
+    names = [c["name"] for c in general["categories"]]
+    teacher = create_model("resnet18_bifpn_gfl", num_classes=len(names), input_size=64, neck_channels=16)
+    save_checkpoint(root / "teacher.pt", model_state=teacher.state_dict(), model_config=teacher.config,
+                    class_names=names, input_size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    return {"root": root, "data": data, "curated": root / "curated.json", "plan": root / "plan.json", "mined": mined,
+            "teacher": root / "teacher.pt", "names": names}
+
+
+def _distill_params(**switches: Any) -> Any:
+    from dataengine.config import DistillParams, StudentSpec, TrainParams
+
+    return DistillParams(students={"s": StudentSpec("mobilenet_v3_small_gfl", None)}, input_size=64, epoch_size=8,
+                         train=TrainParams(epochs=1, batch_size=4, num_workers=0, warmup_epochs=0), **switches)
+
+
+@pytest.mark.slow
+def test_student_and_baseline_train_on_what_their_switches_say(tiny_engine: dict[str, Any], tmp_path) -> None:
+    from dataengine.config import MineParams
+    from dataengine.distill import train_student
+    from dataengine.engine.checkpoint import load_checkpoint
+
+    e = tiny_engine
+    kwargs = dict(teacher=e["teacher"], data_root=e["data"], curated=e["curated"], plan=e["plan"], mined=e["mined"],
+                  progress=False)
+    student = train_student("s", _distill_params(), MineParams(), out_dir=tmp_path / "s", log_dir=tmp_path / "ls",
+                            **kwargs)
+    assert student["used"] == {"sources": ["general", "scenario"], "images": 20, "rebalance": True,
+                               "hard_negatives": True, "teacher": True,
+                               "distill_weights": dataclasses.asdict(DistillLossParams())}
+    assert student["steps"] == 2 and {"kd_cls", "kd_box", "kd_feat", "kd_seg", "qfl", "seg"} <= set(
+        student["final_losses"])
+    assert all(math.isfinite(v) for v in student["final_losses"].values())
+    ckpt = load_checkpoint(tmp_path / "s" / "model.pt")
+    assert ckpt["class_names"] == e["names"] and ckpt["model_config"]["name"] == "mobilenet_v3_small_gfl"
+    assert ckpt["input_size"] == 64
+    baseline = train_student("s", _distill_params(), MineParams(), out_dir=tmp_path / "b", log_dir=tmp_path / "lb",
+                             baseline=True, **kwargs)
+    assert baseline["role"] == "baseline" and baseline["steps"] == 2
+    assert baseline["used"] == {"sources": ["general"], "images": 12, "rebalance": False, "hard_negatives": False,
+                                "teacher": False, "distill_weights": None}
+    assert not any(k.startswith("kd_") for k in baseline["final_losses"])
+    with pytest.raises(KeyError, match="'nobody' is not in params distill.students"):
+        train_student("nobody", _distill_params(), MineParams(), out_dir=tmp_path / "x", log_dir=tmp_path / "lx",
+                      **kwargs)
+
+
+def test_the_teacher_is_silenced_inside_mined_regions(tiny_engine: dict[str, Any]) -> None:
+    from dataengine.distill import DistillLoss
+    from dataengine.engine.checkpoint import load_model
+
+    teacher, _ = load_model(tiny_engine["teacher"], lambda c: create_model(**c))
+    student = create_model("mobilenet_v3_small_gfl", num_classes=len(tiny_engine["names"]), input_size=64)
+    params = _distill_params(loss=DistillLossParams(cls_kd=1.0, box_kd=0.0, feature=0.0, seg_kd=0.0))
+    loss = DistillLoss(teacher, None, params)
+    images = torch.rand(1, 3, 64, 64)
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+              "semantic": torch.zeros(64, 64, dtype=torch.long)}
+    plain = loss(student, images, [target])["kd_cls"]
+    hard = torch.zeros(64, 64, dtype=torch.uint8)
+    hard[:32, :32] = 1
+    silenced = loss(student, images, [{**target, "hard_negative": hard}])["kd_cls"]
+    assert float(plain.detach()) != pytest.approx(float(silenced.detach()))
+
+
+def test_a_student_can_be_adopted_as_the_next_teacher(tiny_engine: dict[str, Any], tmp_path) -> None:
+    from dataengine.engine.checkpoint import CheckpointError, load_checkpoint
+    from dataengine.teacher import adopt_teacher
+
+    out = tmp_path / "teacher"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"an older run")
+    info = adopt_teacher(tiny_engine["teacher"], out, tiny_engine["names"])
+    assert (out / "model.pt").read_bytes() == tiny_engine["teacher"].read_bytes() and not (out / "last.pt").exists()
+    assert info["epochs"] == 0 and len(info["adopted_from"]["sha256"]) == 64
+    assert load_checkpoint(out / "model.pt")["class_names"] == tiny_engine["names"]
+    with pytest.raises(CheckpointError, match="made for classes"):
+        adopt_teacher(tiny_engine["teacher"], tmp_path / "other", ["cat", "dog"])
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(tiny_engine["teacher"].read_bytes()[:30_000])  # cut inside a tensor record
+    with pytest.raises(CheckpointError, match="broken.pt"):
+        adopt_teacher(broken, tmp_path / "third", tiny_engine["names"])

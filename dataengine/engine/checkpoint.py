@@ -161,8 +161,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             raise CheckpointError(f"{path}: refused to load, it holds a pickled object that is not weights-only "
                                   f"data ({reason})") from None
         raise CheckpointError(f"{path}: corrupt or not a torch checkpoint ({reason})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        # torch's zip reader reports truncation as RuntimeError ("failed finding central directory").
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError,
+            AttributeError) as err:
+        # torch's zip reader reports truncation as RuntimeError ("failed finding central directory"); a file cut
+        # inside a tensor record gives OSError (errno 22), some garbage bytes a bare KeyError from the unpickler.
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(err)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path}: not a dataengine checkpoint (the file holds a {type(ckpt).__name__})")
