@@ -1,6 +1,6 @@
 """Params profiles: a partial params file applied on top of ``params.yaml`` as a DVC experiment.
 
-A profile (``profiles/<name>.yaml``) has the same keys as ``params.yaml``. ``dataengine profile NAME`` merges it
+A profile (``profiles/<name>.yaml``) has the same keys as ``params.yaml`` (``null`` removes a key). ``dataengine profile NAME`` merges it
 onto ``params.yaml``, validates the result with the same typed loader as the stages (so a typo fails before any
 work), and runs ``dvc exp run -n NAME -S key=value ...``: the experiment is then compared with
 ``dvc exp show`` / ``dvc metrics diff`` like any other, and ``params.yaml`` itself is not edited.
@@ -40,10 +40,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` onto a copy of ``base``."""
+    """Deep-merge ``overrides`` onto a copy of ``base``; a ``None`` (YAML ``null``) override removes the key.
+
+    Removal is how a profile drops an entry of a mapping, e.g. a student of ``distill.students`` (DVC runs it as
+    ``-S ~distill.students.NAME``, Hydra's delete syntax).
+
+    Example:
+        >>> merge({"a": {"b": 1, "c": 2}}, {"a": {"c": None, "d": 3}})
+        {'a': {'b': 1, 'd': 3}}
+    """
     out = dict(base)
     for key, value in overrides.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
     return out
 
 
@@ -90,7 +103,10 @@ def profile_cli(argv: list[str] | None = None) -> int:
         return 2
     cmd = ["dvc", "exp", "run", "-n", path.stem] + (["--queue"] if args.queue else [])
     for key, value in overrides.items():
-        cmd += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
+        if value is None:  # removal (see merge)
+            cmd += ["-S", f"~{key}"]
+        else:
+            cmd += ["-S", f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"]
     print(shlex.join(cmd))
     if args.dry_run:
         return 0
