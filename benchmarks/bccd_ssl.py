@@ -76,7 +76,8 @@ def run_fraction(fraction: float, overrides: list[str], work: Path) -> dict[str,
     params_path.write_text(yaml.safe_dump(run_params(fraction, overrides), sort_keys=False))
     load_params(params_path)  # refuse a bad override before any work
     dvc = Path(sys.executable).parent / "dvc"
-    env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # PYTHONPATH: the stages import the clone's dataengine, not an editable install of another checkout
+    env = {**os.environ, "PATH": f"{dvc.parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(clone)}
     log = clone / "repro.log"
     print(f"[bccd] fraction {fraction:g}: dvc repro evaluate in {clone} (log: {log})", flush=True)
     t0 = time.perf_counter()
