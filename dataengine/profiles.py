@@ -1,9 +1,9 @@
 """Params profiles: a partial params file applied on top of ``params.yaml`` as a DVC experiment.
 
-A profile (``profiles/<name>.yaml``) has the same keys as ``params.yaml`` (``null`` removes a key). ``dataengine profile NAME`` merges it
-onto ``params.yaml``, validates the result with the same typed loader as the stages (so a typo fails before any
-work), and runs ``dvc exp run -n NAME -S key=value ...``: the experiment is then compared with
-``dvc exp show`` / ``dvc metrics diff`` like any other, and ``params.yaml`` itself is not edited.
+A profile (``profiles/<name>.yaml``) has the same keys as ``params.yaml`` (``null`` removes a key).
+``dataengine profile NAME`` merges it onto ``params.yaml``, validates the result with the same typed loader as
+the stages (so a typo fails before any work), and runs ``dvc exp run -n NAME -S key=value ...``: the experiment
+is then compared with ``dvc exp show`` / ``dvc metrics diff`` like any other; ``params.yaml`` is not edited.
 
 Example:
     $ dataengine profile bccd --dry-run

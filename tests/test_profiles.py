@@ -62,3 +62,13 @@ def test_prepare_stage_accepts_bccd_profile(tmp_path: Path) -> None:
     assert metrics["general_train"]["images"] + metrics["general_val"]["images"] == 51  # 25% of 205 train images
     assert metrics["scenario_pool"]["images"] == 205 - 51 + 87 and metrics["scenario_test"]["images"] == 72
     assert set(metrics["general_train"]["per_class"]) == {"WBC", "RBC", "Platelets"}
+
+
+def test_null_in_a_profile_removes_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    assert merge({"s": {"a": 1, "b": 2}}, {"s": {"b": None}}) == {"s": {"a": 1}}
+    overrides = profile_overrides(ROOT / "profiles/bccd.yaml", ROOT / "params.yaml")
+    assert overrides["distill.students.mobilenet_v2_050"] is None
+    monkeypatch.chdir(ROOT)
+    assert main(["profile", "bccd", "--dry-run"]) == 0
+    assert "-S '~distill.students.mobilenet_v2_050'" in capsys.readouterr().out
