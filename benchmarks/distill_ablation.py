@@ -19,9 +19,16 @@ false positives and AP50 without/with mining, i.e. ``rebalance`` vs ``hard_negat
 
 Needs the outputs of ``dvc repro`` up to the mine stage (data/curated, data/rebalance, data/mined, the teacher).
 
+``--oracle-review N`` measures the same variants with review input: a simulated reviewer
+(:mod:`dataengine.review.oracle`, decisions from the pool's hidden labels, ``source: simulated``) goes through the
+first N images of the review queue; the review, rebalance and mine stage scripts then re-run on those decisions
+into ``<work>/review<N>/`` and the variants train on that curated set, plan and mined negatives. Results go to
+``distill_ablation_review<N>.json`` and under ``"simulated_review"`` in ``curation_ablation.json``.
+
 Usage:
     python benchmarks/distill_ablation.py                       # all variants, ~2-3 min each on 2 CPU cores
     python benchmarks/distill_ablation.py --variants distill rebalance --seeds 0 1
+    python benchmarks/distill_ablation.py --oracle-review 150 --variants rebalance hard_negatives
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import datetime
 import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,6 +55,8 @@ from dataengine.evaluation import SegmentationMeter, confuser_false_positives, e
 from dataengine.inference import predict_coco
 from dataengine.io import atomic_write_json
 from dataengine.models import create_model
+from dataengine.review.oracle import simulate_review
+from dataengine.review.decisions import write_decisions
 
 VARIANTS = ("baseline", "pseudo", "distill", "rebalance", "hard_negatives")
 NO_KD = DistillLossParams(cls_kd=0.0, box_kd=0.0, feature=0.0, seg_kd=0.0)
@@ -90,6 +100,37 @@ def rarest_class(general: Path, curated: Path) -> str:
     return min(counts, key=lambda name: (counts[name], name))
 
 
+def simulated_review_inputs(n_images: int, params: str, data: Path, out: Path) -> dict[str, Any]:
+    """Simulated decisions on the first ``n_images`` queued images, then review, rebalance and mine re-run on them.
+
+    Returns ``{"curated", "plan", "mined", "review_stats", "mine"}`` (paths under ``out`` and what happened).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
+    decisions, stats = simulate_review(read("data/filtered/review_queue.json"), read("data/filtered/accepted.json"),
+                                       read("data/filtered/rejected.json"), read(data / "scenario/pool_hidden.json"),
+                                       n_images=n_images)
+    write_decisions(out / "decisions.json", decisions)
+    print(f"simulated review of {n_images} queued images: {stats}", flush=True)
+    py = sys.executable
+    steps = [
+        [py, "pipelines/review.py", "--filtered", "data/filtered", "--pseudo", "data/pseudo", "--data", str(data),
+         "--decisions", str(out / "decisions.json"), "--out", str(out / "curated"), "--metrics",
+         str(out / "review.json")],
+        [py, "pipelines/rebalance.py", "--params", params, "--general", str(data / "general/train.json"),
+         "--curated", str(out / "curated/scenario.json"), "--out", str(out / "rebalance"), "--metrics",
+         str(out / "rebalance.json"), "--plot", str(out / "rebalance.png"), "--table", str(out / "rebalance.csv")],
+        [py, "pipelines/mine.py", "--params", params, "--teacher", "models/teacher/model.pt", "--data", str(data),
+         "--curated", str(out / "curated/scenario.json"), "--pseudo", "data/pseudo", "--review-queue",
+         "data/filtered/review_queue.json", "--decisions", str(out / "decisions.json"), "--out", str(out / "mined"),
+         "--metrics", str(out / "mine.json")],
+    ]
+    for cmd in steps:
+        subprocess.run(cmd, check=True)
+    return {"curated": out / "curated/scenario.json", "plan": out / "rebalance/plan.json", "mined": out / "mined",
+            "review_stats": stats, "mine": read(out / "mine.json")}
+
+
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "train_seconds"):
@@ -112,13 +153,21 @@ def main() -> int:
     parser.add_argument("--work", default="benchmarks/work/distill_ablation", help="checkpoints (gitignored)")
     parser.add_argument("--out", default="benchmarks/results/distill_ablation.json")
     parser.add_argument("--curation-out", default="benchmarks/results/curation_ablation.json")
+    parser.add_argument("--oracle-review", type=int, default=0, metavar="N",
+                        help="simulate a reviewer on the first N queued images first (see the module docstring)")
     args = parser.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params, ["distill", "mine"])
     student = args.student or next(iter(params.distill.students))
     data, work = Path(args.data), Path(args.work)
-    rare = rarest_class(data / "general/train.json", Path("data/curated/scenario.json"))
+    inputs: dict[str, Any] = {"curated": Path("data/curated/scenario.json"), "plan": Path("data/rebalance/plan.json"),
+                              "mined": Path("data/mined")}
+    if args.oracle_review:
+        inputs = simulated_review_inputs(args.oracle_review, args.params, data, work / f"review{args.oracle_review}")
+        work = work / f"review{args.oracle_review}"
+        args.out = args.out.replace(".json", f"_review{args.oracle_review}.json")
+    rare = rarest_class(data / "general/train.json", Path(inputs["curated"]))
     results: dict[str, Any] = {}
     for variant in args.variants:
         runs = []
@@ -127,7 +176,7 @@ def main() -> int:
             out_dir = work / f"{variant}_seed{seed}"
             t0 = time.perf_counter()
             train_student(student, vp, params.mine, teacher="models/teacher/model.pt", data_root=data,
-                          curated="data/curated/scenario.json", plan="data/rebalance/plan.json", mined="data/mined",
+                          curated=inputs["curated"], plan=inputs["plan"], mined=inputs["mined"],
                           out_dir=out_dir, log_dir=out_dir / "dvclive", baseline=baseline, resume=False,
                           progress=False)
             run = score(out_dir / "model.pt", data)
@@ -142,6 +191,11 @@ def main() -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "student": student,
             "seeds": args.seeds, "budget_images": params.distill.train.epochs * params.distill.epoch_size,
             "test_set": str(data / "scenario/test.json")}
+    if args.oracle_review:
+        meta["simulated_review"] = {"images": args.oracle_review, "decisions": inputs["review_stats"],
+                                    "mined": {k: inputs["mine"]["total"][k] for k in
+                                              ("hard_negative_images", "by_reason", "regions", "regions_by_class",
+                                               "hard_pixels", "hard_pixels_by_class")}}
     atomic_write_json(args.out, {**meta, "variants": results}, indent=1)
     if {"distill", "rebalance", "hard_negatives"} <= set(results):
         curation = {
@@ -159,6 +213,10 @@ def main() -> int:
         }
         without, with_ = curation["confuser_fp_without"], curation["confuser_fp_with"]
         curation["confuser_fp_reduction"] = round(1 - with_ / without, 4) if without else None
+        if args.oracle_review:  # nested: the top-level keys stay the plain pipeline's (no review decisions)
+            path = Path(args.curation_out)
+            doc = json.loads(path.read_text()) if path.exists() else {}
+            curation = {**doc, "simulated_review": curation}
         atomic_write_json(args.curation_out, curation, indent=1)
         print(json.dumps({k: v for k, v in curation.items() if k not in meta and k != "comparison"}))
     print(f"wrote {args.out}")

@@ -17,7 +17,7 @@ Schema (``version`` 1)::
           "class_name": "circle",                   # "correct" only: the corrected class
           "original": {"bbox": [...], "class_name": "square"},  # what the reviewer saw (optional): lets the
                                                     # review stage notice a decision made on another teacher's box
-          "source": "fiftyone" | "labelstudio",
+          "source": "fiftyone" | "labelstudio" | "simulated",   # simulated: benchmarks only
           "user": "ann@example.com" | null,         # who, where the tool knows it
           "time": "2026-11-23T10:00:00Z" | null     # when, where the tool knows it (else: first pulled)
         }
@@ -88,7 +88,7 @@ __all__ = [
 DECISIONS_VERSION = 1
 LABEL_DECISIONS = ("accept", "reject", "correct")
 IMAGE_FLAGS = ("negative", "relabel")
-SOURCES = ("fiftyone", "labelstudio")
+SOURCES = ("fiftyone", "labelstudio", "simulated")  # simulated: benchmarks only (dataengine.review.oracle)
 _META = ("source", "user", "time")  # fields that do not make two decisions different
 
 

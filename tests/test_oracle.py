@@ -1,0 +1,69 @@
+"""The simulated reviewer (benchmarks only): exact decisions on a hand-built pool."""
+
+from __future__ import annotations
+
+import pytest
+
+from dataengine.review.decisions import validate_decisions
+from dataengine.review.oracle import simulate_review
+
+CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "star"}]
+
+
+def _rec(file_name: str, i: int, bbox: list[float], cls: str, score: float, reason: str | None = None) -> dict:
+    return {"id": f"{file_name}#{i}", "file_name": file_name, "bbox": bbox, "class_name": cls, "score": score,
+            "reason": reason}
+
+
+def _pool() -> tuple[list, dict, list, dict]:
+    accepted = {
+        "categories": CATS,
+        "images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}, {"id": 3, "file_name": "c.png"}],
+        "annotations": [
+            # a.png: right (circle on a circle), a confuser box, a duplicate of the circle
+            {"image_id": 1, "category_id": 1, "bbox": [10, 10, 20, 20], "score": 0.9, "pseudo_id": "a.png#0"},
+            {"image_id": 1, "category_id": 2, "bbox": [60, 60, 10, 10], "score": 0.8, "pseudo_id": "a.png#1"},
+            {"image_id": 1, "category_id": 1, "bbox": [11, 11, 20, 20], "score": 0.7, "pseudo_id": "a.png#2"},
+            # b.png: nothing there at all (a negative image)
+            {"image_id": 2, "category_id": 2, "bbox": [5, 5, 10, 10], "score": 0.85, "pseudo_id": "b.png#0"},
+            # c.png: never reached (n_images=2)
+            {"image_id": 3, "category_id": 2, "bbox": [5, 5, 10, 10], "score": 0.85, "pseudo_id": "c.png#0"},
+        ],
+    }
+    queue = [_rec("a.png", 3, [40, 0, 50, 10], "circle", 0.4),      # review band: a star called circle -> correct
+             _rec("b.png", 1, [30, 30, 40, 40], "star", 0.3),
+             _rec("a.png", 4, [0, 90, 5, 95], "star", 0.2),         # review band: nothing there -> reject
+             _rec("c.png", 1, [0, 0, 4, 4], "star", 0.3)]
+    rejected = [_rec("a.png", 5, [90, 90, 99, 99], "circle", 0.6, reason="low_probability"),  # confident: looked at
+                _rec("a.png", 6, [80, 0, 90, 10], "circle", 0.1, reason="low_probability")]   # not shown: skipped
+    hidden = {"categories": CATS,
+              "images": [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "b.png"},
+                         {"id": 9, "file_name": "c.png"}],
+              "annotations": [{"image_id": 7, "category_id": 1, "bbox": [10, 10, 20, 20]},
+                              {"image_id": 7, "category_id": 2, "bbox": [40, 0, 10, 10]},
+                              {"image_id": 7, "category_id": 2, "bbox": [100, 100, 8, 8]},   # missed: added
+                              {"image_id": 9, "category_id": 2, "bbox": [5, 5, 10, 10]}]}
+    return queue, accepted, rejected, hidden
+
+
+def test_simulated_review_decides_like_a_careful_person() -> None:
+    decisions, stats = simulate_review(*_pool(), n_images=2)
+    labels = {k: v["decision"] for k, v in decisions["labels"].items()}
+    assert labels == {"a.png#0": "accept", "a.png#1": "reject", "a.png#2": "reject", "a.png#3": "correct",
+                      "a.png#4": "reject", "a.png#5": "reject", "b.png#0": "reject", "b.png#1": "reject"}
+    corrected = decisions["labels"]["a.png#3"]
+    assert corrected["class_name"] == "star" and corrected["bbox"] == [40.0, 0.0, 50.0, 10.0]
+    assert decisions["images"]["a.png"]["added"] == [{"bbox": [100.0, 100.0, 108.0, 108.0], "class_name": "star"}]
+    assert decisions["images"]["b.png"]["flags"] == ["negative"] and "c.png" not in decisions["images"]
+    assert all(e["source"] == "simulated" for e in [*decisions["labels"].values(), *decisions["images"].values()])
+    assert stats == {"images": 2, "accepted": 1, "rejected": 6, "corrected": 1, "added": 1, "negative": 1}
+    validate_decisions(decisions)
+
+
+def test_simulated_review_of_zero_images_and_unknown_image() -> None:
+    queue, accepted, rejected, hidden = _pool()
+    decisions, stats = simulate_review(queue, accepted, rejected, hidden, n_images=0)
+    assert decisions["labels"] == {} and decisions["images"] == {} and stats["images"] == 0
+    hidden["images"] = hidden["images"][1:]
+    with pytest.raises(KeyError, match="a.png"):
+        simulate_review(queue, accepted, rejected, hidden, n_images=1)
