@@ -197,27 +197,27 @@ def main() -> int:
                                               ("hard_negative_images", "by_reason", "regions", "regions_by_class",
                                                "hard_pixels", "hard_pixels_by_class")}}
     atomic_write_json(args.out, {**meta, "variants": results}, indent=1)
-    if {"distill", "rebalance", "hard_negatives"} <= set(results):
-        curation = {
-            "rarest_class": rare,
-            "rare_AP_without": results["distill"]["per_class_AP"][rare],
-            "rare_AP_with": results["rebalance"]["per_class_AP"][rare],
-            "confuser_fp_without": results["rebalance"]["confuser_fp_per_image"],
-            "confuser_fp_with": results["hard_negatives"]["confuser_fp_per_image"],
-            "AP50_without": results["rebalance"]["AP50"],
-            "AP50_with": results["hard_negatives"]["AP50"],
-            "comparison": {"rebalancing": "variant 'distill' (without) vs 'rebalance' (with)",
-                           "mining": "variant 'rebalance' (without) vs 'hard_negatives' (with: mined regions and "
-                                     "pixels + OHEM)"},
-            **meta,
-        }
-        without, with_ = curation["confuser_fp_without"], curation["confuser_fp_with"]
-        curation["confuser_fp_reduction"] = round(1 - with_ / without, 4) if without else None
+    curation: dict[str, Any] = {}
+    if {"distill", "rebalance"} <= set(results):
+        curation.update({"rarest_class": rare, "rare_AP_without": results["distill"]["per_class_AP"][rare],
+                         "rare_AP_with": results["rebalance"]["per_class_AP"][rare]})
+    if {"rebalance", "hard_negatives"} <= set(results):
+        without = results["rebalance"]["confuser_fp_per_image"]
+        with_ = results["hard_negatives"]["confuser_fp_per_image"]
+        curation.update({"confuser_fp_without": without, "confuser_fp_with": with_,
+                         "AP50_without": results["rebalance"]["AP50"], "AP50_with": results["hard_negatives"]["AP50"],
+                         "confuser_fp_reduction": round(1 - with_ / without, 4) if without else None})
+    if curation:
+        curation.update({"comparison": {"rebalancing": "variant 'distill' (without) vs 'rebalance' (with)",
+                                        "mining": "variant 'rebalance' (without) vs 'hard_negatives' (with: mined "
+                                                  "regions and pixels + OHEM)"}, **meta})
+        path = Path(args.curation_out)
+        doc = json.loads(path.read_text()) if path.exists() else {}
         if args.oracle_review:  # nested: the top-level keys stay the plain pipeline's (no review decisions)
-            path = Path(args.curation_out)
-            doc = json.loads(path.read_text()) if path.exists() else {}
-            curation = {**doc, "simulated_review": curation}
-        atomic_write_json(args.curation_out, curation, indent=1)
+            doc["simulated_review"] = {**doc.get("simulated_review", {}), **curation}
+        else:
+            doc.update(curation)
+        atomic_write_json(path, doc, indent=1)
         print(json.dumps({k: v for k, v in curation.items() if k not in meta and k != "comparison"}))
     print(f"wrote {args.out}")
     return 0
