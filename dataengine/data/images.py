@@ -1,10 +1,16 @@
 """Reading images the same way everywhere: RGB uint8, EXIF orientation applied, odd formats handled or refused.
 
 Handled: grayscale (``L``, ``1``), palette (``P``), RGBA/LA (alpha dropped: compositing on a colour would invent
-background), 16-bit PNG (``I;16``/``I``: scaled to
-8 bit by the image's own maximum range), CMYK, EXIF-rotated JPEGs (``ImageOps.exif_transpose``).
-Refused with :class:`ImageReadError`: unreadable or truncated files, zero-size files, images larger than
-``max_pixels`` (default 50 MP: an 8000x6000 photo is 48 MP and is accepted; a decompression bomb is not).
+background; the colour channels are kept as stored), 16-bit grayscale PNG (``I;16``; ``I`` above 255): scaled to
+8 bit over the full 16-bit range, ``round(v * 255 / 65535)``, never clipped; 16-bit RGB(A) PNG: Pillow decodes it to
+8 bit itself by keeping the high byte (``v >> 8``, within one level of the exact scaling); CMYK; EXIF orientation
+(``ImageOps.exif_transpose``, JPEG, PNG and WebP alike): pixels, :func:`read_image`'s shape and :func:`image_size`
+are all of the upright image, so COCO ``width``/``height`` and boxes are in upright coordinates, as annotation
+tools and browsers show the image.
+Refused with :class:`ImageReadError` (the message names the file): unreadable or truncated files, zero-size files,
+images larger than ``max_pixels`` (default 50 MP: an 8000x6000 photo is 48 MP and is accepted; anything larger,
+including a decompression bomb, is refused from its header before any pixel is decoded; Pillow's own bomb check,
+above 179 MP, is reported the same way).
 
 Example:
     >>> import numpy as np, tempfile, pathlib
@@ -46,9 +52,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         img = Image.open(path)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a readable image") from None
+    except Image.DecompressionBombError as err:  # not an OSError: it would escape as a bare exception
+        raise ImageReadError(f"{path}: refused before decoding, a possible decompression bomb ({err}); the limit is "
+                             f"{max_pixels / 1e6:.0f} MP; downscale it first") from None
     except OSError as err:
         raise ImageReadError(f"{path}: cannot open ({err})") from None
     if img.width * img.height > max_pixels:
+        img.close()
         raise ImageReadError(
             f"{path}: {img.width}x{img.height} = {img.width * img.height / 1e6:.1f} MP exceeds the limit of "
             f"{max_pixels / 1e6:.0f} MP; downscale it first"
@@ -58,9 +68,9 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
 
 def image_size(path: str | Path, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """``(width, height)`` after EXIF orientation, reading only the header."""
-    img = _open(Path(path), max_pixels)
-    orientation = img.getexif().get(0x0112, 1)
-    w, h = img.size
+    with _open(Path(path), max_pixels) as img:
+        orientation = img.getexif().get(0x0112, 1)
+        w, h = img.size
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -71,12 +81,12 @@ def read_image(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         ImageReadError: Missing, zero-size, unreadable, truncated or too large; the message names the file.
     """
     path = Path(path)
-    img = _open(path, max_pixels)
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises OSError("image file is truncated ...")
-        raise ImageReadError(f"{path}: truncated or corrupt ({err})") from None
+    with _open(path, max_pixels) as opened:
+        try:
+            opened.load()
+            img = ImageOps.exif_transpose(opened)  # a new image (or a copy): usable after the file is closed
+        except (OSError, SyntaxError, ValueError) as err:  # PIL raises OSError("image file is truncated ...")
+            raise ImageReadError(f"{path}: truncated or corrupt ({err})") from None
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
