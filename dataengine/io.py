@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import tempfile
@@ -29,6 +30,7 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "read_json",
+    "remove_temp_files",
     "safe_join",
 ]
 
@@ -75,9 +77,55 @@ def atomic_write(path: str | Path, mode: str = "wb", *, fsync: bool = True) -> I
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+        cause = _os_error(err)
+        if cause is not None and not isinstance(cause, FileNotFoundError):
+            raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from err
         raise
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """``err`` if it is an ``OSError``, else an ``OSError`` it was raised while handling (``None`` if none).
+
+    A writer whose clean-up fails after a failed write hides the real reason: ``torch.save`` on a full disk raises
+    ``RuntimeError("[enforce fail at inline_container.cc] unexpected pos ...")`` while handling the ``OSError``
+    (EFBIG, ENOSPC) of the write itself.
+    """
+    if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: never turned into a write error
+        return None
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def remove_temp_files(path: str | Path) -> list[Path]:
+    """Remove what :func:`atomic_write` leaves next to ``path`` when its process is killed mid-write.
+
+    A ``SIGKILL`` (or a power cut) during a write skips the clean-up, leaving ``.<name>.<random>.tmp`` beside the
+    target. It is never taken for the target, but inside a DVC output folder it would be cached with it; a stage
+    that writes ``path`` calls this before it starts (a single writer per file is assumed).
+
+    Returns:
+        The files removed.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / ".m.json.abc123.tmp").write_text("half")
+        >>> [p.name for p in remove_temp_files(d / "m.json")]
+        ['.m.json.abc123.tmp']
+    """
+    path = Path(path)
+    removed = []
+    for tmp in sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> None:

@@ -14,6 +14,7 @@ from dataengine.config import load_params
 from dataengine.distill import train_student
 from dataengine.engine.distributed import cleanup, is_main_process
 from dataengine.io import atomic_write_json
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -46,4 +47,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("distill", main))

@@ -11,6 +11,7 @@ import sys
 
 from dataengine.engine.checkpoint import CheckpointError
 from dataengine.evaluation.report import run_evaluation, summary_lines
+from dataengine.stage import run_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("evaluate", main))

@@ -11,6 +11,7 @@ import sys
 from dataengine.config import load_params
 from dataengine.engine.checkpoint import CheckpointError
 from dataengine.export import ParityError, export_student
+from dataengine.stage import run_stage
 
 
 def _log(message: str) -> None:
@@ -42,4 +43,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("export", main))

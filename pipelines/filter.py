@@ -13,6 +13,7 @@ from dataengine.data.layout import PreparedLayout
 from dataengine.io import atomic_write_json, read_json
 from dataengine.pseudo.calibrate import fit_calibration, load_predictions, match_val_predictions, plot_reliability
 from dataengine.pseudo.filter import diagnostic_metrics, filter_pseudo_labels, pseudo_metrics, write_semantic_masks
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -55,4 +56,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("filter", main))

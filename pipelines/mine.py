@@ -19,6 +19,7 @@ from dataengine.engine.checkpoint import load_model
 from dataengine.io import atomic_write_json, read_json
 from dataengine.models import create_model
 from dataengine.review.decisions import load_decisions
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -58,4 +59,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("mine", main))

@@ -8,6 +8,7 @@ import sys
 from dataengine.config import load_params
 from dataengine.data.prepare import DataValidationError, prepare_data
 from dataengine.io import atomic_write_json
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -29,4 +30,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("prepare", main))

@@ -19,6 +19,7 @@ from dataengine.engine.distributed import cleanup, init_distributed, is_main_pro
 from dataengine.io import atomic_write_json
 from dataengine.models import create_model
 from dataengine.pseudo import label_images
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -59,4 +60,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("pseudo_label", main))

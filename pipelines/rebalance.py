@@ -20,6 +20,7 @@ from dataengine.curation import (
 )
 from dataengine.data.coco import load_coco
 from dataengine.io import atomic_write_json, atomic_write_text
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -51,4 +52,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("rebalance", main))

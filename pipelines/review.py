@@ -14,6 +14,7 @@ from dataengine.io import atomic_write_json, read_json
 from dataengine.review.curate import curate, review_metrics
 from dataengine.review.decisions import load_decisions
 from dataengine.review.inputs import load_review_inputs
+from dataengine.stage import run_stage
 
 
 def main() -> int:
@@ -42,4 +43,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("review", main))

@@ -9,6 +9,7 @@ import sys
 from dataengine.config import load_params
 from dataengine.engine.distributed import cleanup, is_main_process
 from dataengine.io import atomic_write_json
+from dataengine.stage import run_stage
 from dataengine.teacher import train_teacher
 
 
@@ -33,4 +34,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage("train_teacher", main))

@@ -6,6 +6,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import resource
 import runpy
 import signal
 import subprocess
@@ -25,7 +27,7 @@ from torch import nn
 from dataengine.config import DemoParams, PseudoLabelParams
 from dataengine.data.coco import CategoryMap
 from dataengine.data.demo import CLASS_NAMES, generate_demo
-from dataengine.engine.checkpoint import CheckpointError, save_checkpoint
+from dataengine.engine.checkpoint import CheckpointError, load_model, save_checkpoint
 from dataengine.models import create_model
 from dataengine.pseudo import (
     TTAView,
@@ -317,7 +319,8 @@ def _run_main(argv: list[str]) -> None:
         sys.argv = old
 
 
-def test_stage_refuses_an_empty_pool_and_a_teacher_of_other_classes(stage: dict[str, Path], tmp_path: Path) -> None:
+def test_stage_refuses_an_empty_pool_and_a_teacher_of_other_classes(stage: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "prepared"
     (data / "scenario" / "pool" / "cam0").mkdir(parents=True)
     (data / "general").mkdir()
@@ -331,8 +334,14 @@ def test_stage_refuses_an_empty_pool_and_a_teacher_of_other_classes(stage: dict[
     names = ["circle", "square", "triangle", "star", "hexagon"]
     save_checkpoint(other / "model.pt", model_state=model.state_dict(), model_config=model.config, class_names=names,
                     input_size=64, mean=[0.5] * 3, std=[0.25] * 3)
-    with pytest.raises(CheckpointError, match=r"made for classes \[.*'hexagon'\], expected \[.*'cross'\]"):
+    with pytest.raises(SystemExit) as exit_info:  # reported in one line by run_stage, exit status 1
         _run_main(_cmd({**stage, "teacher": other}, tmp_path / "out"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert re.fullmatch(r"pseudo_label: error: .*model\.pt: made for classes \[.*'hexagon'\], expected \[.*'cross'\].*",
+                        err[-1])
+    with pytest.raises(CheckpointError, match="made for classes"):  # the library itself raises
+        load_model(other / "model.pt", lambda c: create_model(**c), class_names=list(CLASS_NAMES))
 
 
 def test_rerun_reuses_matching_chunks_and_redoes_or_removes_stale_ones(tmp_path: Path) -> None:
@@ -361,3 +370,104 @@ def test_rerun_reuses_matching_chunks_and_redoes_or_removes_stale_ones(tmp_path:
     assert sorted(p.name for p in (out / "seg").iterdir()) == [f"0.png{s}" for s in (
         ".confidence.png", ".label.png", ".uncertainty.png")]
     assert [i["file_name"] for i in json.loads((out / "predictions.json").read_text())["images"]] == ["0.png"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Faults: a full disk, a read-only output folder, a corrupt teacher (real faults, in a subprocess)
+# ----------------------------------------------------------------------------------------------------------------
+
+PR_CAPBSET_DROP, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def _drop_file_permission_override() -> None:
+    """In the child before exec: root loses the capabilities that let it write into a folder without write
+    permission, so a ``chmod 0o555`` folder is read-only for it as for any user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH):
+        if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _serial_params(stage: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """The stage's params with ``num_workers: 0``: a file size limit would also cap the DataLoader's shared-memory
+    files, which a full disk does not (the predictions do not depend on the number of workers)."""
+    params = yaml.safe_load(stage["params"].read_text())
+    params["pseudo_label"]["num_workers"] = 0
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return {**stage, "params": path}
+
+
+def _assert_no_partial_file(out: Path, reference: Path) -> None:
+    """Every file under ``out`` is a finished one: no temp file, and byte-identical to the uninterrupted run's."""
+    ref = _tree(reference)
+    for name, digest in _tree(out).items():
+        assert not Path(name).name.startswith(".") and not name.endswith(".tmp"), f"temp file left: {name}"
+        assert ref.get(name) == digest, f"{name} differs from the uninterrupted run's: half-written?"
+
+
+@pytest.mark.slow
+def test_full_disk_stops_with_one_line_and_leaves_no_partial_file(stage: dict[str, Path], reference: Path,
+                                                                  tmp_path: Path) -> None:
+    stage = _serial_params(stage, tmp_path)
+    out = tmp_path / "out"
+    # A real write failure: files may not grow past one byte less than the merged predictions (RLIMIT_FSIZE; the
+    # write gets EFBIG, as Python ignores SIGXFSZ). Smaller files (PNGs, chunks) fit; the merge does not.
+    limit = (reference / "pool" / "predictions.json").stat().st_size - 1
+    proc = subprocess.run([sys.executable, *_cmd(stage, out)], env=ENV, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    failed = re.fullmatch(r"pseudo_label: error: cannot write (\S+): File too large", last)
+    assert failed, proc.stderr[-3000:]
+    assert Path(failed.group(1)) == out / "pool" / "predictions.json" and not Path(failed.group(1)).exists()
+    assert (out / "pool" / "chunks" / "chunk-00000.json").exists()  # what fitted was kept ...
+    _assert_no_partial_file(out, reference)  # ... and nothing half-written under a final name
+
+    rerun = subprocess.run([sys.executable, *_cmd(stage, out)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads((out / "stats.json").read_text())["pool"]["reused_chunks"] == 6  # space freed: resumed
+    for sub in ("pool", "val"):  # (stats.json holds timings)
+        assert _tree(out / sub) == _tree(reference / sub)
+
+
+@pytest.mark.slow
+def test_read_only_output_folder_stops_with_one_line_and_writes_nothing(stage: dict[str, Path], reference: Path,
+                                                                        tmp_path: Path) -> None:
+    stage = _serial_params(stage, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        proc = subprocess.run([sys.executable, *_cmd(stage, out)], env=ENV, capture_output=True, text=True,
+                              timeout=120, preexec_fn=_drop_file_permission_override if os.geteuid() == 0 else None)
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"pseudo_label: error: cannot write {re.escape(str(out))}/pool/\S+: Permission denied",
+                        last), last
+    assert list(out.iterdir()) == []
+    rerun = subprocess.run([sys.executable, *_cmd(stage, out)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    for sub in ("pool", "val"):
+        assert _tree(out / sub) == _tree(reference / sub)
+
+
+def test_corrupt_teacher_checkpoint_is_one_line_naming_the_file(stage: dict[str, Path], tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    good = (stage["teacher"] / "model.pt").read_bytes()
+    for cut in (len(good) // 2, 100):  # inside a tensor record; inside the zip header
+        (teacher / "model.pt").write_bytes(good[:cut])
+        with pytest.raises(SystemExit) as exit_info:
+            _run_main(_cmd({**stage, "teacher": teacher}, tmp_path / "out"))
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert re.fullmatch(rf"pseudo_label: error: {re.escape(str(teacher / 'model.pt'))}: corrupt .*", err[-1]), err
+        assert not (tmp_path / "out").exists()

@@ -65,7 +65,7 @@ from dataengine.engine.ema import create_ema
 from dataengine.engine.schedule import build_optimizer, build_scheduler
 from dataengine.engine.seeding import derive_seed, rng_state, set_rng_state
 from dataengine.evaluation import flatten_metrics
-from dataengine.io import atomic_write_text
+from dataengine.io import atomic_write_text, remove_temp_files
 
 __all__ = ["Trainer", "LossFn", "EvaluateFn", "RESUME_FREE_PARAMS"]
 
@@ -265,6 +265,10 @@ class Trainer:
         """
         resume = self.resume if resume is None else resume
         last_path = self.out_dir / "last.pt"
+        if is_main_process():  # a run killed while saving left a temp file; never read, but DVC would cache it
+            for name in ("last.pt", "model.pt"):
+                for tmp in remove_temp_files(self.out_dir / name):
+                    logger.info("removed %s, left by a run killed while saving", tmp)
         start_epoch, step, seconds_before = 0, 0, 0.0
         losses: dict[str, float] = {}
         metrics: dict[str, float] = {}
