@@ -310,6 +310,9 @@ def train_student(
     result = fit_resuming(make_trainer, out_dir, resume=resume)
     if not is_main_process():
         return {}
+    if result.get("resumed_from_epoch") is not None:
+        print(f"distill: {'baseline' if baseline else 'student'} {name}: resumed from the checkpoint of epoch "
+              f"{result['resumed_from_epoch']}", file=sys.stderr)
     return {
         "role": "baseline" if baseline else "student",
         "model": spec.model,

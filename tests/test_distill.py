@@ -1,20 +1,30 @@
-"""Distillation terms (exact where exact), the student's feature adapters, and the Trainer's epoch size."""
+"""Distillation terms (exact where exact), the student's feature adapters, the Trainer's epoch size, and the distill
+stage end to end: killed mid-way it leaves no model.pt and resumes."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from dataengine.config import DistillLossParams
 from dataengine.distill import FeatureAdapters, distill_terms
 from dataengine.models import create_model
 
+ROOT = Path(__file__).resolve().parents[1]
 ALL_ON = DistillLossParams(cls_kd=1.0, box_kd=1.0, feature=1.0, seg_kd=1.0)
 
 
@@ -239,3 +249,42 @@ def test_a_student_can_be_adopted_as_the_next_teacher(tiny_engine: dict[str, Any
     broken.write_bytes(tiny_engine["teacher"].read_bytes()[:30_000])  # cut inside a tensor record
     with pytest.raises(CheckpointError, match="broken.pt"):
         adopt_teacher(broken, tmp_path / "third", tiny_engine["names"])
+
+
+@pytest.mark.slow
+def test_distill_stage_killed_mid_way_leaves_no_final_model_and_resumes(tiny_engine: dict[str, Any], tmp_path) -> None:
+    from dataengine.engine.checkpoint import load_checkpoint
+
+    e = tiny_engine
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"distill": {
+        "students": {"s": {"model": "mobilenet_v3_small_gfl"}}, "input_size": 64, "epoch_size": 8,
+        "train": {"epochs": 4, "batch_size": 4, "num_workers": 0, "warmup_epochs": 0}}}))
+    out, metrics = tmp_path / "s", tmp_path / "s.json"
+    cmd = [sys.executable, str(ROOT / "pipelines" / "distill.py"), "--student", "s", "--params", str(params),
+           "--teacher", str(e["teacher"]), "--data", str(e["data"]), "--curated", str(e["curated"]), "--plan",
+           str(e["plan"]), "--mined", str(e["mined"]), "--out", str(out), "--log-dir", str(tmp_path / "live"),
+           "--metrics", str(metrics)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)  # right after the first epoch's checkpoint: mid-way through the run
+    proc.wait()
+    assert (out / "last.pt").exists(), "the stage died before its first checkpoint"
+    killed_epoch = int(load_checkpoint(out / "last.pt")["epoch"])
+    assert 1 <= killed_epoch < 4, "the run finished before it could be killed"
+    assert not (out / "model.pt").exists() and not metrics.exists(), "a killed run must not leave final outputs"
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr[-3000:]
+    assert f"distill: student s: resumed from the checkpoint of epoch {killed_epoch}" in rerun.stderr
+    result = json.loads(metrics.read_text())
+    assert (result["epochs"], result["steps"], result["role"]) == (4, 8, "student")
+    ckpt = load_checkpoint(out / "model.pt")
+    assert ckpt["epoch"] == 4 and ckpt["class_names"] == e["names"] and ckpt["model_config"]["name"] == \
+        "mobilenet_v3_small_gfl"
+    rows = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().strip().splitlines()
+    assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3"], "one log row per epoch after the resume"
+    assert sorted(p.name for p in out.iterdir()) == ["last.pt", "model.pt"]  # no temp file, nothing stale
