@@ -138,6 +138,7 @@ def predict_batch(
     *,
     segmentation: bool,
     channels_last: bool = False,
+    budget_bytes: int = 64 * 2**20,
 ) -> Iterator[tuple[FusedBoxes, torch.Tensor | None]]:
     """TTA predictions of a batch, fused, in original image coordinates; yields one image at a time.
 
@@ -156,6 +157,8 @@ def predict_batch(
         params: Thresholds (``score_threshold``, ``nms_iou``, ``max_detections``, ``fusion_iou``).
         segmentation: Also give the view-averaged class probabilities.
         channels_last: Feed the network NHWC tensors (convert the model too).
+        budget_bytes: Size of the float32 original-size maps mapped back at once (:func:`_size_groups`); an image
+            whose own maps are larger is mapped back one class at a time.
 
     Yields:
         Per image, in order: the fused boxes and, with ``segmentation``, probabilities ``[K + 1, h, w]`` (else
@@ -198,16 +201,31 @@ def predict_batch(
             if segmentation:
                 seg_outputs[k] = {"seg_logits": outputs["seg_logits"][j * n : (j + 1) * n]}  # [B, K + 1, S/4, S/4]
     empty = ViewBoxes(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64))
-    for group in _size_groups(orig_sizes, getattr(model, "num_classes", 1) + 1) if segmentation else [range(n)]:
+    channels = getattr(model, "num_classes", 1) + 1
+    for group in _size_groups(orig_sizes, channels, budget_bytes) if segmentation else [range(n)]:
         probs = None
         if segmentation:
             h, w = orig_sizes[group[0]]
             rows = slice(group[0], group[-1] + 1)
-            for k, view in enumerate(views):
-                logits = {"seg_logits": seg_outputs[k]["seg_logits"][rows]}  # [g, K + 1, S/4, S/4]
-                mapped = view_probs_to_original(model.semantic_probs(logits, size=(view.size, view.size)), view, h, w)
-                probs = mapped if probs is None else probs.add_(mapped)  # [g, K + 1, h, w]
-            probs /= len(views)
+            canvas = [model.semantic_probs({"seg_logits": seg_outputs[k]["seg_logits"][rows]},  # [g, K + 1, S, S]
+                                           size=(view.size, view.size)) for k, view in enumerate(views)]
+            # An image whose maps alone exceed the budget (a 48 MP photo: 1.2 GB per view for 6 classes) is mapped
+            # back one class at a time: the peak is its result plus one class plane, not several full copies.
+            # Each class plane is resized and summed over the views exactly as in the batched call (bit-identical).
+            step = 1 if channels * h * w * 4 > budget_bytes else channels
+            for c in range(0, channels, step):
+                summed = None
+                for view, view_probs in zip(views, canvas):
+                    mapped = view_probs_to_original(view_probs[:, c : c + step], view, h, w)  # [g, step, h, w]
+                    summed = mapped if summed is None else summed.add_(mapped)
+                if step == channels:
+                    probs = summed
+                else:
+                    if probs is None:
+                        probs = torch.empty((len(group), channels, h, w), dtype=summed.dtype, device=summed.device)
+                    probs[:, c : c + step] = summed
+                del summed, mapped
+            probs /= len(views)  # [g, K + 1, h, w]
         for i, b in enumerate(group):
             fused = fuse_boxes([v if v is not None else empty for v in per_image[b]], params.fusion_iou)
             yield fused, None if probs is None else probs[i]
@@ -231,11 +249,12 @@ def _size_groups(orig_sizes: Sequence[tuple[int, int]], channels: int,
     return groups
 
 
-def encode_segmentation(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def encode_segmentation(probs: torch.Tensor, *, band_pixels: int = 2**20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Compact soft segmentation: argmax class, confidence and normalised entropy, as uint8 maps.
 
     Args:
         probs: ``[C, H, W]`` class probabilities (``C = K + 1``, class 0 background), summing to 1 per pixel.
+        band_pixels: Pixels encoded at a time (whole rows); only memory depends on it.
 
     Returns:
         ``label`` (argmax, first class on ties), ``confidence`` = ``round(255 * max p)`` and ``uncertainty`` =
@@ -252,11 +271,19 @@ def encode_segmentation(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np
     c = probs.shape[0]
     if probs.ndim != 3 or not 2 <= c <= 256:
         raise ValueError(f"expected probabilities [C, H, W] with 2 <= C <= 256, got {tuple(probs.shape)}")
-    probs = probs.float()
-    conf, label = probs.max(0)  # [H, W] each
-    entropy = -torch.special.xlogy(probs, probs).sum(0) / math.log(c)  # [H, W] in [0, 1]; 0 log 0 = 0
+    h, w = probs.shape[1:]
+    out = tuple(np.empty((h, w), np.uint8) for _ in range(3))
     to_u8 = lambda t: (t * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()  # noqa: E731
-    return label.to(torch.uint8).cpu().numpy(), to_u8(conf), to_u8(entropy)
+    # Every value is per pixel: bands of rows give the same bytes as the whole map, with temporaries of one band
+    # (a 48 MP map of 6 classes needed 2 GB of them at once).
+    rows = max(1, band_pixels // max(w, 1))
+    for r0 in range(0, h, rows):
+        band = probs[:, r0 : r0 + rows].float()  # [C, b, W]
+        conf, label = band.max(0)  # [b, W] each
+        entropy = -torch.special.xlogy(band, band).sum(0) / math.log(c)  # [b, W] in [0, 1]; 0 log 0 = 0
+        for array, values in zip(out, (label.to(torch.uint8).cpu().numpy(), to_u8(conf), to_u8(entropy))):
+            array[r0 : r0 + rows] = values
+    return out
 
 
 def write_segmentation(out_dir: str | Path, file_name: str, probs: torch.Tensor) -> dict[str, str]:
