@@ -260,6 +260,16 @@ def test_cli_missing_env_is_one_line_and_touches_nothing(tmp_path, capsys):
     assert not paths["decisions"].exists()
 
 
+def test_review_cli_labelstudio_alone_lists_its_actions(capsys):
+    from dataengine.review.cli import review_cli
+
+    assert review_cli(["labelstudio", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "dataengine review labelstudio ACTION" in out and "push" in out and "pull" in out
+    assert "LABEL_STUDIO_API_KEY" in out
+    assert review_cli(["labelstudio"]) == 2
+
+
 def test_review_cli_dispatches_to_labelstudio(capsys):
     from dataengine.review.cli import review_cli
 
@@ -418,7 +428,8 @@ def test_round_trip_push_annotate_pull(ls_env, tmp_path, capsys):
     params = load_params(root / "params.yaml", ["review"]).review.labelstudio
     stats = lsmod.push(inputs, params)
     assert (stats["new"], stats["updated"], stats["unchanged"]) == (0, 3, 0)
-    _, tasks = _project_tasks(ls, title)
+    project, tasks = _project_tasks(ls, title)
+    assert project.model_version == "teacher-next"  # the editor pre-fills only this version's predictions
     assert len(tasks) == 3 and sorted(t["data"]["file_name"] for t in tasks) == ["a.png", "c.png", "sub/b.jpg"]
     assert all([p["model_version"] for p in t["predictions"]] == ["teacher-next"] for t in tasks)
     assert len(ls.import_storage.local.list(project=tasks[0]["project"])) == 1

@@ -53,6 +53,13 @@ def review_cli(argv: list[str]) -> int:
         print(f"usage: dataengine review ACTION [options]\n\nactions:\n{usage}\n\n"
               "Run `dataengine review ACTION --help` for an action's options.")
         return 0 if argv else 2
+    if argv[0] == "labelstudio" and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        actions = "\n".join(f"  {name.split()[1]:<6} {help_text}" for name, (help_text, _) in ACTIONS.items()
+                             if name.startswith("labelstudio "))
+        print(f"usage: dataengine review labelstudio ACTION [options]\n\nactions:\n{actions}\n\n"
+              "The server comes from LABEL_STUDIO_URL and the token from LABEL_STUDIO_API_KEY. Run "
+              "`dataengine review labelstudio ACTION --help` for an action's options.")
+        return 0 if len(argv) > 1 else 2
     name = " ".join(argv[:2]) if argv[0] == "labelstudio" else argv[0]
     rest = argv[2:] if argv[0] == "labelstudio" else argv[1:]
     if name not in ACTIONS:

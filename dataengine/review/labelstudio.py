@@ -540,7 +540,8 @@ def push(inputs: Any, params: Any, *, image_url_base: str | None = None, conn: _
     Idempotent: tasks are keyed by ``data.file_name``; new images are imported in one batched call, an existing task
     gets its data updated and its predictions replaced only when they changed (the project is dataengine's: every
     prediction of a changed task is replaced), so a re-push never duplicates a task. Tasks of images that left the
-    queue are kept (they may hold annotations) and counted as ``stale``.
+    queue are kept (they may hold annotations) and counted as ``stale``. The project's ``model_version`` is set to
+    the pushed one: Label Studio pre-fills the annotation editor only with that version's predictions.
 
     Args:
         inputs: :class:`~dataengine.review.inputs.ReviewInputs`.
@@ -622,6 +623,11 @@ def push(inputs: Any, params: Any, *, image_url_base: str | None = None, conn: _
             changed = True
         stats["updated" if changed else "unchanged"] += 1
     stats["stale"] = len(set(existing) - set(names))
+    if names and (getattr(project, "model_version", None) or "") != inputs.model_version:
+        # Label Studio pre-fills the annotation editor only with predictions of the project's model_version, which
+        # it sets from the first import and never changes: tasks re-pushed for a new teacher would open empty.
+        with conn.calls("setting the project's model version"):
+            conn.ls.projects.update(id=project.id, model_version=inputs.model_version)
     return stats
 
 
