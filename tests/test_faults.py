@@ -132,6 +132,12 @@ def test_run_stage_reports_storage_and_input_errors_in_one_line(capsys: pytest.C
         (ParamsError("params.yaml: key 'a.b': expected int, got 'x' (str)"),
          "params.yaml: key 'a.b': expected int, got 'x' (str)"),
     ]
+    from dataengine.pseudo import tta_views
+
+    with pytest.raises(ParamsError) as collision:  # a params value only the model's input size shows to be bad
+        tta_views(64, (1.0, 1.1), hflip=True)
+    cases.append((collision.value, "pseudo_label.tta_scales [1.0, 1.1] give input sizes [64, 64] for a model input "
+                                   "of 64 (multiples of 32); each scale must give a different size"))
     for err, line in cases:
         assert is_reported(err) and error_line(err) == line
         assert run_stage("st", failing(err)) == 1

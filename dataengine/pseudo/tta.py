@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from dataengine.boxes import clip_xyxy
+from dataengine.config import ParamsError
 from dataengine.data.transforms import letterbox_params, letterbox_size, unletterbox_boxes, unletterbox_mask
 
 __all__ = ["TTAView", "flip_image_regions", "tta_views", "view_boxes_to_original", "view_probs_to_original"]
@@ -48,21 +49,22 @@ def tta_views(input_size: int, scales: Sequence[float], hflip: bool) -> list[TTA
         hflip: Add a mirrored view of every scale.
 
     Raises:
-        ValueError: No scales, a scale that is not positive, or two scales that round to the same size.
+        ParamsError: (a ``ValueError``) No scales, a scale that is not positive, or two scales that round to the same
+            size: a bad ``pseudo_label.tta_scales``, reported by the stage in one line.
 
     Example:
         >>> [v.size for v in tta_views(64, (0.5, 1.5), hflip=False)]
         [32, 96]
     """
     if not scales:
-        raise ValueError("pseudo_label.tta_scales is empty; give at least one scale (1.0 = the model's input size)")
+        raise ParamsError("pseudo_label.tta_scales is empty; give at least one scale (1.0 = the model's input size)")
     sizes = []
     for scale in scales:
         if not scale > 0:
-            raise ValueError(f"pseudo_label.tta_scales: {scale} is not a positive multiple of the input size")
+            raise ParamsError(f"pseudo_label.tta_scales: {scale} is not a positive multiple of the input size")
         sizes.append(max(SIZE_MULTIPLE, round(scale * input_size / SIZE_MULTIPLE) * SIZE_MULTIPLE))
     if len(set(sizes)) != len(sizes):
-        raise ValueError(f"pseudo_label.tta_scales {list(scales)} give input sizes {sizes} for a model input of "
+        raise ParamsError(f"pseudo_label.tta_scales {list(scales)} give input sizes {sizes} for a model input of "
                          f"{input_size} (multiples of {SIZE_MULTIPLE}); each scale must give a different size")
     return [TTAView(size, flip) for size in sizes for flip in ((False, True) if hflip else (False,))]
 
