@@ -211,7 +211,6 @@ def _odd_pool(root: Path) -> dict[str, np.ndarray]:
     return expected
 
 
-@pytest.mark.slow
 def test_pool_scan_accepts_odd_formats_and_refuses_oversized_by_name(tmp_path: Path) -> None:
     expected = _odd_pool(tmp_path / "pool")
     for name, pixels in expected.items():
@@ -245,7 +244,6 @@ def test_coco_sizes_are_the_upright_sizes_of_exif_rotated_images(tmp_path: Path)
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_pseudo_labelling_odd_images_gives_exact_upright_boxes(tmp_path: Path) -> None:
     expected = _odd_pool(tmp_path / "pool")
     files = sorted(p.name for p in (tmp_path / "pool").iterdir())
@@ -273,6 +271,7 @@ def test_pseudo_labelling_odd_images_gives_exact_upright_boxes(tmp_path: Path) -
 # --------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_large_image_segmentation_is_bit_identical_when_mapped_a_class_at_a_time() -> None:
     import torch
 
