@@ -119,6 +119,9 @@ def run_fraction(fraction: float, overrides: list[str], work: Path) -> dict[str,
         "pseudo_true_precision_per_class": {k: v for k, v in pseudo["true_precision"].items() if k != "overall"},
         "pseudo_true_recall_per_class": {k: v for k, v in pseudo["true_recall"].items() if k != "overall"},
         "pseudo_accepted": pseudo.get("accepted"),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True,
+                                 text=True).stdout.strip(),
+        "load_average_1min_after": round(os.getloadavg()[0], 2),
         "stage_seconds": stage_seconds,
         "repro_seconds": round(time.perf_counter() - t0, 1),
     }
@@ -142,8 +145,6 @@ def main() -> int:
         result.update({
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
-            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                     text=True).stdout.strip(),
             "overrides": args.overrides,
         })
         atomic_write_json(out_path, result, indent=1)  # after every fraction: a long run keeps what it finished
