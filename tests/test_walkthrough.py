@@ -189,6 +189,24 @@ class Terminal:
             _signal_group(group, signal.SIGKILL)
 
 
+def _wait_stopped(proc: subprocess.Popen, reader: "LineReader", timeout: float) -> None:
+    """Wait for ``proc`` to exit 0; on a hang, fail with its processes and every thread's stack (SIGUSR1)."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,args"], capture_output=True, text=True).stdout
+        for line in tree.splitlines()[1:]:
+            fields = line.split(None, 5)
+            if fields[2] == str(proc.pid) and "python" in fields[5]:
+                os.kill(int(fields[0]), signal.SIGUSR1)  # dataengine review open dumps its stacks
+        time.sleep(5)
+        _signal_group(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"did not stop within {timeout:.0f} s of Ctrl-C; processes:\n{tree}\noutput and stacks:\n"
+                    f"{reader.rest()[-8000:]}")
+    assert code == 0, reader.rest()[-4000:]
+
+
 def _signal_group(group: int, sig: int) -> None:
     try:
         os.killpg(group, sig)
@@ -342,8 +360,8 @@ def test_first_hour(tmp_path, ls_binary):
         assert {"accepted", "review", "rejected", "teacher", "segmentation", "uncertainty", "ground_truth"} <= {
             f["path"] for f in served["sampleFields"]}
         _signal_group(app.pid, signal.SIGINT)  # Ctrl-C
-        assert app.wait(timeout=60) == 0, reader.rest()[-4000:]
-        assert "serving until Ctrl-C" in reader.rest()
+        _wait_stopped(app, reader, timeout=180)
+        assert "serving until Ctrl-C" in reader.rest() and "App stopped" in reader.rest()
         timings["2"] = round(time.monotonic() - t0, 1)
 
         # 3. Label Studio on 127.0.0.1 with the README's account and token (first start: migrations)

@@ -67,7 +67,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
+import signal
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -715,13 +717,16 @@ def open_cli(argv: Sequence[str]) -> int:
     if args.no_wait:
         session.close()
         return 0
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: for a hang at start or stop
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     print("serving until Ctrl-C", flush=True)
     try:
         session.wait(-1)
     except KeyboardInterrupt:
-        pass
+        print("Ctrl-C: stopping the App", flush=True)
     finally:
         session.close()
+    print("App stopped", flush=True)
     return 0
 
 
