@@ -37,13 +37,13 @@ from torchvision.ops import box_iou
 from dataengine.boxes import coco_to_xyxy
 from dataengine.review.decisions import empty_decisions, image_decision, label_decision, validate_decisions
 
-__all__ = ["simulate_review", "SIMULATED_SOURCE"]
+__all__ = ["simulate_review", "reviewable_labels", "SIMULATED_SOURCE"]
 
 SIMULATED_SOURCE = "simulated"
 """The ``source`` of every simulated decision (people's decisions say ``fiftyone`` or ``labelstudio``)."""
 
 
-def _labels_by_image(accepted: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
+def reviewable_labels(accepted: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
                      min_rejected_score: float) -> dict[str, list[dict[str, Any]]]:
     """Every pseudo-label a reviewer sees, per file: ``{"id", "bbox" (xyxy), "class_name", "score"}``."""
     names = {c["id"]: c["name"] for c in accepted["categories"]}
@@ -105,7 +105,7 @@ def simulate_review(
     for rec in queue:
         if rec["file_name"] not in order:
             order.append(rec["file_name"])
-    labels = _labels_by_image(accepted, [*queue, *rejected], min_rejected_score)
+    labels = reviewable_labels(accepted, [*queue, *rejected], min_rejected_score)
     truth = _truth_by_image(hidden)
     doc = empty_decisions()
     stats = dict.fromkeys(("images", "accepted", "rejected", "corrected", "added", "negative"), 0)
