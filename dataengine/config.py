@@ -168,9 +168,14 @@ class TeacherParams:
 
     ``checkpoint``: when set (a path), the stage trains nothing and adopts that checkpoint as the teacher -- e.g. a
     distilled student, for the next round of the loop (noisy-student style; see the README, "Iterate").
+
+    ``epoch_size``: images drawn per epoch, uniformly with replacement; 0 (default) = one pass over general train.
+    Fixes the teacher's budget (``train.epochs x epoch_size``) when the labelled set changes size: with one pass per
+    epoch, a 10 % split trains the teacher on 2.5x fewer images than a 25 % split at the same ``train.epochs``.
     """
 
     checkpoint: str = ""
+    epoch_size: int = _range(0, None, default=0)  # images drawn per epoch (with replacement); 0 = one pass
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     augment: AugmentParams = AugmentParams()

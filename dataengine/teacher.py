@@ -131,9 +131,11 @@ def train_teacher(
     def make_trainer() -> Trainer:
         seed_everything(params.train.seed)  # the initial weights are drawn before the trainer seeds its epochs
         model = build_model(params.model, len(cats), segmentation=segmentation)
+        n = params.epoch_size
+        uniform = {"sampler_weights": [1.0] * len(train_set), "epoch_size": n} if n else {}
         return Trainer(model, train_set, params.train, out_dir, collate_fn=collate, evaluate_fn=evaluate,
                        class_names=list(cats.names), input_size=size, log_dir=log_dir, progress=progress,
-                       build_fn=lambda config: create_model(**config))
+                       build_fn=lambda config: create_model(**config), **uniform)
 
     start = time.perf_counter()
     if params.checkpoint:
@@ -153,6 +155,8 @@ def train_teacher(
         "gflops": round(count_gflops(final, size), 4),
         "train_seconds": round(float(result.get("train_seconds", time.perf_counter() - start)), 1),
         "epochs": result.get("epochs"),
+        "steps": result.get("steps"),
+        "images_per_epoch": params.epoch_size or len(train_set),
         "segmentation": bool(getattr(final, "segmentation", segmentation)),
         "model": getattr(final, "name", params.model.name),
     }

@@ -100,3 +100,16 @@ def test_finished_run_is_not_resumed(tiny_data: Path, tmp_path: Path) -> None:
     assert "previous run" in again.stderr and "finished; training from scratch" in again.stderr
     assert "resumed from" not in again.stderr
     assert json.loads((tmp_path / "teacher.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_epoch_size_fixes_the_teacher_budget(tiny_data: Path, tmp_path: Path) -> None:
+    """``teacher.epoch_size`` draws that many images per epoch whatever the size of general train (24 here)."""
+    params = _params(tmp_path, epochs=1)
+    doc = yaml.safe_load(params.read_text())
+    doc["teacher"]["epoch_size"] = 8
+    params.write_text(yaml.safe_dump(doc))
+    run = subprocess.run(_cmd(params, tiny_data, tmp_path), env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    metrics = json.loads((tmp_path / "teacher.json").read_text())
+    assert metrics["images_per_epoch"] == 8 and metrics["steps"] == 2  # batch_size 4
