@@ -398,3 +398,36 @@ def test_app_shows_the_dataset_in_headless_chromium(tree, dataset_name, tmp_path
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         session.close()
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_open_in_the_background_says_how_to_stop_and_stops_on_sigterm(tree, dataset_name, tmp_path):
+    """Started with SIGINT ignored (`dataengine review open &` from a script), Ctrl-C cannot stop it: the command says
+    so and names the `kill` that does, and SIGTERM then closes the App as cleanly as Ctrl-C."""
+    import signal
+    import sys
+    import time
+
+    params = tmp_path / "params.yaml"
+    params.write_text(f"review:\n  dataset_name: {dataset_name}\n")
+    cmd = [sys.executable, "-m", "dataengine.cli", "review", "open", "--params", str(params), "--filtered",
+           str(tree["filtered"]), "--pseudo", str(tree["pseudo"]), "--data", str(tree["prepared"]),
+           "--port", str(_free_port())]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    lines = []
+    try:
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving") or time.monotonic() > deadline:
+                break
+        assert lines and "Ctrl-C is ignored in this process" in lines[-1] and f"kill {proc.pid}" in lines[-1], \
+            "".join(lines[-20:])
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "stopping the App" in out and "App stopped" in out

@@ -150,9 +150,12 @@ class Terminal:
                 f"{code}\nexport -p > {shlex.quote(str(self.exports))}\n")
 
     def popen(self, code: str) -> subprocess.Popen:
+        # A terminal's Ctrl-C reaches a process whose SIGINT is at its default. A test run started in the background
+        # by a non-interactive shell (`nohup bash .ci/run &`) inherits SIGINT *ignored*, and bash cannot un-ignore
+        # it, so the App would never see the Ctrl-C below: reset it for the block, as a terminal would have it.
         proc = subprocess.Popen(["bash", "-c", self.script(code)], cwd=self.cwd, env=self.env, text=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_sigint)
         self.groups.append(proc.pid)
         return proc
 
@@ -187,6 +190,10 @@ class Terminal:
             time.sleep(0.5)
         for group in self.groups:
             _signal_group(group, signal.SIGKILL)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _wait_stopped(proc: subprocess.Popen, reader: "LineReader", timeout: float) -> None:

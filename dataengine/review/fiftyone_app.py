@@ -663,6 +663,10 @@ def _review_params(path: str) -> Any:
     return load_params(path, ["review"]).review
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def open_cli(argv: Sequence[str]) -> int:
     """``dataengine review open``: build/update the dataset, save the views, launch the App (see ``--help``)."""
     from dataengine.review.cli import add_common_args  # noqa: PLC0415 (cli imports adapters lazily; no cycle)
@@ -719,11 +723,16 @@ def open_cli(argv: Sequence[str]) -> int:
         return 0
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: for a hang at start or stop
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    print("serving until Ctrl-C", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the App as cleanly as Ctrl-C
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with `&` from a script, or under nohup
+        print(f"serving; Ctrl-C is ignored in this process (started in the background?): stop it with "
+              f"`kill {os.getpid()}`", flush=True)
+    else:
+        print("serving until Ctrl-C", flush=True)
     try:
         session.wait(-1)
     except KeyboardInterrupt:
-        print("Ctrl-C: stopping the App", flush=True)
+        print("stopping the App", flush=True)
     finally:
         session.close()
     print("App stopped", flush=True)
