@@ -44,7 +44,7 @@ SIMULATED_SOURCE = "simulated"
 
 
 def reviewable_labels(accepted: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
-                     min_rejected_score: float) -> dict[str, list[dict[str, Any]]]:
+                      min_rejected_score: float) -> dict[str, list[dict[str, Any]]]:
     """Every pseudo-label a reviewer sees, per file: ``{"id", "bbox" (xyxy), "class_name", "score"}``."""
     names = {c["id"]: c["name"] for c in accepted["categories"]}
     files = {img["id"]: img["file_name"] for img in accepted["images"]}
