@@ -62,18 +62,24 @@ def _small_files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir()}
 
 
+def _assert_writes_fail(folder: Path, code: int, reason: str, preexec_fn: Any) -> None:
+    """Run ``CHILD`` in ``folder``: each of its three writes must fail with ``code``, naming the file."""
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], env=ENV, capture_output=True, text=True,
+                          timeout=120, preexec_fn=preexec_fn)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for key, name in (("json", "m.json"), ("new", "sub/new.json"), ("ckpt", "last.pt")):
+        got, message, _ = result[key]
+        assert got == code, result[key]
+        assert message == f"[Errno {code}] cannot write {folder / name}: {reason}"
+
+
 def test_atomic_writes_under_a_real_file_size_limit_keep_the_previous_files(tmp_path: Path) -> None:
     before = _small_files(tmp_path)
     limit = 16_384  # larger than the small files, smaller than the new ones: like a disk that fills up mid-write
     assert max(len(b) for b in before.values()) < limit
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], env=ENV, capture_output=True, text=True,
-                          timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    for key, name in (("json", "m.json"), ("new", "sub/new.json"), ("ckpt", "last.pt")):
-        code, message, _ = result[key]
-        assert code == errno.EFBIG, result[key]
-        assert message == f"[Errno {errno.EFBIG}] cannot write {tmp_path / name}: File too large"
+    _assert_writes_fail(tmp_path, errno.EFBIG, "File too large",
+                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     after = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before, "the previous files survive, no temp file and no half-written new file is left"
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 1 and read_json(tmp_path / "m.json") == {"x": 1}
@@ -96,16 +102,10 @@ def test_atomic_writes_into_a_read_only_folder_fail_by_name_and_change_nothing(t
     before = _small_files(folder)
     folder.chmod(0o555)
     try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, str(folder)], env=ENV, capture_output=True, text=True,
-                              timeout=120, preexec_fn=_as_unprivileged if os.geteuid() == 0 else None)
+        _assert_writes_fail(folder, errno.EACCES, "Permission denied",
+                            preexec_fn=_as_unprivileged if os.geteuid() == 0 else None)
     finally:
         folder.chmod(0o755)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout)
-    for key, name in (("json", "m.json"), ("new", "sub/new.json"), ("ckpt", "last.pt")):
-        code, message, _ = result[key]
-        assert code == errno.EACCES, result[key]
-        assert message == f"[Errno {errno.EACCES}] cannot write {folder / name}: Permission denied"
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
