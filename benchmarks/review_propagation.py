@@ -106,7 +106,7 @@ def roi_features(model: torch.nn.Module, pool_root: Path, boxes: list[dict[str, 
     by_file: dict[str, list[int]] = defaultdict(list)
     for i, box in enumerate(boxes):
         by_file[box["file_name"]].append(i)
-    out = np.zeros((len(boxes), 0), np.float32)
+    out: list[np.ndarray] = [np.empty(0)] * len(boxes)
     for file_name, idx in by_file.items():
         pixels = torch.from_numpy(read_image(pool_root / file_name)).permute(2, 0, 1).float()[None] / 255
         features = model(pixels)["features"]
@@ -114,10 +114,9 @@ def roi_features(model: torch.nn.Module, pool_root: Path, boxes: list[dict[str, 
         levels = [roi_align(features[level], rois, output_size=2, spatial_scale=1 / (8 * 2 ** level),
                             sampling_ratio=2, aligned=True).flatten(1) for level in (0, 1)]
         feats = torch.cat([torch.nn.functional.normalize(f, dim=1) for f in levels], 1).numpy()
-        if out.shape[1] == 0:
-            out = np.zeros((len(boxes), feats.shape[1]), np.float32)
-        out[idx] = feats
-    return out
+        for row, i in enumerate(idx):
+            out[i] = feats[row]
+    return np.stack(out)
 
 
 def main(argv: list[str] | None = None) -> int:
