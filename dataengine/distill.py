@@ -19,8 +19,11 @@ CVPR 2019 for pixel-wise KD; FitNets (Romero et al. 2015) for the adapters).
 Two details matter for the data engine:
 
 - **Hard-negative regions silence the teacher.** Inside a mined hard-negative region (bit 1 of
-  ``target["hard_negative"]``) the teacher fired on something that is not an object; distilling its scores there
-  would teach the student the very false alarm the mine stage found. Those locations get a class-KD target of 0.
+  ``target["hard_negative"]``) the teacher fired on something that is not an object; distilling any of its outputs
+  there would teach the student the very false alarm the mine stage found. Those locations get a class-KD target
+  of 0 (the student is taught silence there), and they are left out of LD, of feature imitation (the teacher's
+  features there are those of an object) and, pixel by pixel, of the segmentation KD; the task losses alone
+  speak there.
 - **Normalisation.** Class KD is summed over locations and classes and divided by the teacher's soft count of
   objects (sum over locations of the max class score, >= 1), as QFL divides by the number of positives; LD is a
   mean weighted by the teacher's max score (the "main distillation region" of LD, softly); feature imitation is
@@ -93,6 +96,7 @@ def distill_terms(
     reg_max: int,
     adapted: Sequence[torch.Tensor] | None = None,
     silence: torch.Tensor | None = None,
+    silence_pixels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The distillation terms between aligned student and teacher outputs (unweighted; zero-weight terms skipped).
 
@@ -103,7 +107,11 @@ def distill_terms(
         params: Weights and temperatures.
         reg_max: Last bin of the box distributions (both models must agree).
         adapted: Student features after the 1x1 adapters (one per level), for feature imitation.
-        silence: Bool ``[B, N]``: locations whose class-KD target is forced to 0 (hard-negative regions).
+        silence: Bool ``[B, N]``: locations inside hard-negative regions: their class-KD target is forced to 0 and
+            they are left out of LD and of feature imitation (``N`` is the levels' locations in order, as
+            ``cls_logits``).
+        silence_pixels: Bool ``[B, H, W]`` (any resolution; nearest-resized to the segmentation output): pixels left
+            out of the segmentation KD.
 
     Returns:
         A subset of ``kd_cls``, ``kd_box``, ``kd_feat``, ``kd_seg`` (scalars).
@@ -134,12 +142,17 @@ def distill_terms(
             kl = F.kl_div(F.log_softmax(s_dist / temp, -1), F.log_softmax(t_dist / temp, -1), log_target=True,
                           reduction="none").sum(-1).mean(-1) * temp ** 2  # [B, N]
             weight = t_logits.sigmoid().amax(-1)  # [B, N]; where the teacher sees an object
+            if silence is not None:
+                weight = weight.masked_fill(silence, 0.0)
             terms["kd_box"] = (kl * weight).sum() / weight.sum().clamp(min=1e-6)
     if params.feature > 0 and adapted is not None:
+        keep = _level_masks(~silence, [f.shape[-2:] for f in adapted]) if silence is not None else None
         losses = []
-        for s_feat, t_feat in zip(adapted, teacher["features"]):
+        for level, (s_feat, t_feat) in enumerate(zip(adapted, teacher["features"])):
             t_feat = t_feat.float().detach()
-            losses.append(F.mse_loss(s_feat.float(), t_feat) / t_feat.var().clamp(min=1e-6))
+            sq = (s_feat.float() - t_feat).pow(2).mean(1)  # [B, h, w]
+            mse = sq.mean() if keep is None else (sq * keep[level]).sum() / keep[level].sum().clamp(min=1.0)
+            losses.append(mse / t_feat.var().clamp(min=1e-6))
         terms["kd_feat"] = torch.stack(losses).mean()
     if params.seg_kd > 0 and "seg_logits" in student and "seg_logits" in teacher:
         temp = params.seg_temperature
@@ -149,8 +162,22 @@ def distill_terms(
             t_seg = F.interpolate(t_seg, size=s_seg.shape[-2:], mode="bilinear", align_corners=False)
         kl = F.kl_div(F.log_softmax(s_seg / temp, 1), F.log_softmax(t_seg / temp, 1), log_target=True,
                       reduction="none").sum(1)  # [B, h, w]
-        terms["kd_seg"] = kl.mean() * temp ** 2
+        if silence_pixels is None:
+            terms["kd_seg"] = kl.mean() * temp ** 2
+        else:
+            keep = ~F.interpolate(silence_pixels[:, None].float(), size=kl.shape[-2:], mode="nearest")[:, 0].bool()
+            terms["kd_seg"] = (kl * keep).sum() / keep.sum().clamp(min=1) * temp ** 2
     return terms
+
+
+def _level_masks(per_location: torch.Tensor, shapes: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """``[B, N]`` values over the pyramid's locations (level by level, row-major) -> one ``[B, h, w]`` per level."""
+    sizes = [int(h) * int(w) for h, w in shapes]
+    if sum(sizes) != per_location.shape[1]:
+        raise ValueError(f"{per_location.shape[1]} locations, but the feature levels {[list(s) for s in shapes]} "
+                         f"hold {sum(sizes)}")
+    return [part.unflatten(1, (int(h), int(w))).float()
+            for part, (h, w) in zip(per_location.split(sizes, dim=1), shapes)]
 
 
 class DistillLoss:
@@ -190,15 +217,15 @@ class DistillLoss:
             self.teacher.to(images.device)
         with torch.no_grad():
             t_out = self.teacher(images)
-        silence = None
-        if "cls_logits" in outputs:
+        silence = silence_pixels = None
+        hard = MultiTaskDetSeg._hard_negative_maps(targets)  # [B, H, W] or None
+        if hard is not None:
+            silence_pixels = (hard.to(images.device) & HARD_REGION_BIT) > 0
             points, _, _ = model._points_of(outputs)
-            hard = MultiTaskDetSeg._hard_negative_maps(targets)  # [B, S, S] or None
-            if hard is not None:
-                silence = (_values_at(hard.to(images.device), points.to(images.device)) & HARD_REGION_BIT) > 0
+            silence = _values_at(silence_pixels, points.to(images.device))
         adapted = self.adapters(outputs["features"]) if self.adapters is not None else None
         kd = distill_terms(outputs, t_out, params=self.params.loss, reg_max=model.reg_max, adapted=adapted,
-                           silence=silence)
+                           silence=silence, silence_pixels=silence_pixels)
         total = terms["loss"]
         for key, value in kd.items():
             total = total + self.weights[key] * value

@@ -92,6 +92,29 @@ def test_silenced_locations_are_distilled_towards_zero() -> None:
     assert float(distill_terms(student, teacher, params=params, reg_max=7, silence=silence)["kd_cls"]) < 1e-3
 
 
+def test_silenced_locations_and_pixels_are_left_out_of_the_other_terms() -> None:
+    teacher = _outputs(0, n=20)  # 20 locations: the feature levels 4 x 4 + 2 x 2, in order
+    student = {k: ([f.clone() for f in v] if k == "features" else v.clone()) for k, v in teacher.items()}
+    # the student departs from the teacher only at location 5 (level 0, row 1, column 1) and in the seg pixels of
+    # the top-left quarter
+    student["bbox_dist"][:, 5] += torch.linspace(-6, 6, 32)
+    student["features"][0][:, :, 1, 1] += 3.0
+    student["seg_logits"][:, :, :4, :4] += torch.randn(2, 4, 4, 4)
+    params = DistillLossParams(cls_kd=0.0, box_kd=1.0, feature=1.0, seg_kd=1.0)
+    plain = distill_terms(student, teacher, params=params, reg_max=7, adapted=student["features"])
+    assert all(float(plain[k]) > 1e-4 for k in ("kd_box", "kd_feat", "kd_seg")), plain
+    silence = torch.zeros(2, 20, dtype=torch.bool)
+    silence[:, 5] = True
+    pixels = torch.zeros(2, 16, 16, dtype=torch.bool)  # any resolution: resized to the 8 x 8 segmentation output
+    pixels[:, :8, :8] = True
+    quiet = distill_terms(student, teacher, params=params, reg_max=7, adapted=student["features"], silence=silence,
+                          silence_pixels=pixels)
+    assert all(abs(float(quiet[k])) < 1e-6 for k in ("kd_box", "kd_feat", "kd_seg")), quiet
+    with pytest.raises(ValueError, match="21 locations, but the feature levels"):
+        distill_terms(student, teacher, params=DistillLossParams(cls_kd=0.0, box_kd=0.0, feature=1.0, seg_kd=0.0),
+                      reg_max=7, adapted=student["features"], silence=torch.zeros(2, 21, dtype=torch.bool))
+
+
 def test_gradients_reach_the_student_and_adapters_not_the_teacher() -> None:
     teacher = create_model("resnet18_bifpn_gfl", num_classes=2, input_size=64, neck_channels=16).eval()
     student = create_model("mobilenet_v3_small_gfl", num_classes=2, input_size=64)

@@ -174,6 +174,27 @@ def _decisions(inputs):
     return validate_decisions(attach_originals(doc, records))
 
 
+@pytest.mark.parametrize("decision", ["reject", "correct"])
+def test_removed_label_pixels_become_background_only_where_a_reviewer_saw_no_object(tree, tmp_path, decision):
+    # a.png's mask holds circle pixels (1) exactly in #0's box [4, 6, 20, 22] (rows 6:22, columns 4:20)
+    paths, inputs, accepted = tree
+    doc = empty_decisions()
+    extra = {"bbox": [44, 2, 60, 12], "class_name": "square"} if decision == "correct" else {}  # elsewhere
+    doc["labels"]["a.png#0"] = label_decision("a.png", decision, source="fiftyone", time=T0, **extra)
+    doc["images"]["a.png"] = image_decision(source="fiftyone", time=T0,
+                                            added=[{"bbox": [4, 6, 12, 14], "class_name": "circle"}])
+    curate(accepted, inputs.records_by_id(), validate_decisions(attach_originals(doc, inputs.records_by_id())),
+           inputs.semantic_root, tmp_path / "semantic")
+    mask = np.array(Image.open(tmp_path / "semantic" / "a.png.png"))
+    assert (mask[6:14, 4:12] == 255).all()  # under a curated box (the added one): doubtful, ignored
+    outside = mask[6:22, 4:20].copy()
+    outside[:8, :8] = 0
+    if decision == "reject":
+        assert (outside == 0).all()  # the reviewer saw nothing there: background (a hard pixel for `mine`)
+    else:
+        assert (mask[6:22, 4:20] == 255).all()  # a corrected object is there: its old pixels stay doubtful
+
+
 def test_decisions_are_applied(tree, tmp_path):
     paths, inputs, accepted = tree
     decisions = _decisions(inputs)
@@ -187,10 +208,10 @@ def test_decisions_are_applied(tree, tmp_path):
     assert _boxes(curated, "c.png") == []
     c_image = next(i for i in curated["images"] if i["file_name"] == "c.png")
     assert c_image["negative"] and c_image["reviewed"]
-    # masks: a negative is all background; a rejected circle's pixels inside its box are ignored
+    # masks: a negative is all background; a rejected circle's pixels that no curated box covers are background
     assert (np.array(Image.open(tmp_path / "out" / "semantic" / "c.png.png")) == 0).all()
     mask_a = np.array(Image.open(tmp_path / "out" / "semantic" / "a.png.png"))
-    assert (mask_a[6:22, 4:20] == 255).all() and (mask_a[30:, :30] == 0).all()
+    assert (mask_a[6:22, 4:20] == 0).all() and (mask_a[30:, :30] == 0).all()
 
     metrics = review_metrics(stats, decisions, curated)
     assert metrics["decisions"] == {"accept": 2, "reject": 1, "correct": 2, "added": 1, "negative": 1, "relabel": 0}

@@ -20,8 +20,10 @@ Rules, per pool image (the filter's accepted band is the starting point):
   background, whatever the decisions on its labels (marked ``"negative": true`` on the image);
 - image flag ``relabel``: the labels are not usable as they are: the image leaves the curated set (listed in the
   metrics) until someone relabels it;
-- semantic masks: pixels of a removed or corrected label's class inside its original box become 255 (ignored:
-  the teacher's mask there is as doubtful as its box); a negative's mask is all 0.
+- semantic masks: pixels of a rejected or corrected label's class inside its original box become 255 (ignored:
+  the teacher's mask there is as doubtful as its box), except, for a **rejected** label, the pixels that no curated
+  box of the image covers: the reviewer verified there is no object there, so they become background (0), and the
+  ``mine`` stage finds them as hard negative pixels (the teacher said foreground); a negative's mask is all 0.
 
 Annotations keep ``score``/``probability``/``pseudo_id`` where they come from the teacher and carry
 ``"source"``: ``"pseudo"`` (accepted by the filter, no person involved) or ``"review"`` (a person accepted, corrected
@@ -120,7 +122,8 @@ def curate(
     for ann in accepted_coco["annotations"]:
         rec = records[ann["pseudo_id"]]
         chosen[rec["file_name"]][ann["pseudo_id"]] = (list(rec["bbox"]), rec["class_name"], "pseudo", rec)
-    removed: dict[str, list[tuple[list[float], str]]] = defaultdict(list)  # image -> (box, class) to ignore in masks
+    # image -> (box, class, rejected) of the labels whose pixels leave the masks (see the module's rules)
+    removed: dict[str, list[tuple[list[float], str, bool]]] = defaultdict(list)
     stats: dict[str, Any] = {"decisions": Counter(), "stale": 0, "stale_unmatched": 0, "reviewed": [],
                              "flags": Counter(), "added": 0, "excluded_relabel": []}
 
@@ -152,9 +155,9 @@ def curate(
         elif decision["decision"] == "correct":
             chosen[name][key] = (list(decision["bbox"]), decision["class_name"], "review", seen)
             if original is not None:
-                removed[name].append((list(original["bbox"]), original["class_name"]))
+                removed[name].append((list(original["bbox"]), original["class_name"], False))
         elif decision["decision"] == "reject" and original is not None:
-            removed[name].append((list(original["bbox"]), original["class_name"]))
+            removed[name].append((list(original["bbox"]), original["class_name"], True))
 
     for name in sorted(decisions.get("images", {})):
         entry = decisions["images"][name]
@@ -188,7 +191,8 @@ def curate(
         if name in reviewed_images:
             new_img["reviewed"] = True
         if img.get("semantic_file") and semantic_in is not None and semantic_out is not None:
-            _write_mask(Path(semantic_in), semantic_out, img, removed.get(name, []), cat_id, negative)
+            kept = [box for box, *_ in chosen.get(name, {}).values()]
+            _write_mask(Path(semantic_in), semantic_out, img, removed.get(name, []), kept, cat_id, negative)
             new_img["semantic_file"] = img["semantic_file"]
         out_images.append(new_img)
         if negative:
@@ -215,18 +219,29 @@ def curate(
     return curated, stats
 
 
-def _write_mask(root_in: Path, root_out: Path, img: Mapping[str, Any], removed: list[tuple[list[float], str]],
-                cat_id: Mapping[str, int], negative: bool) -> None:
+def _box_slices(box: list[float], h: int, w: int) -> tuple[slice, slice]:
+    """Rows and columns of every pixel a box ``xyxy`` touches (``floor`` / ``ceil``), clipped to the image."""
+    x1, y1, x2, y2 = box
+    return (slice(max(0, int(np.floor(y1))), min(h, int(np.ceil(y2)))),
+            slice(max(0, int(np.floor(x1))), min(w, int(np.ceil(x2)))))
+
+
+def _write_mask(root_in: Path, root_out: Path, img: Mapping[str, Any], removed: list[tuple[list[float], str, bool]],
+                kept: list[list[float]], cat_id: Mapping[str, int], negative: bool) -> None:
     with Image.open(safe_join(root_in, img["semantic_file"])) as im:
         mask = np.array(im)
     if negative:
         mask[:] = 0
-    for (x1, y1, x2, y2), cls in removed:
-        h, w = mask.shape
-        ys = slice(max(0, int(np.floor(y1))), min(h, int(np.ceil(y2))))
-        xs = slice(max(0, int(np.floor(x1))), min(w, int(np.ceil(x2))))
+    h, w = mask.shape
+    covered = np.zeros((h, w), dtype=bool)  # pixels some curated box of the image touches
+    for box in kept:
+        covered[_box_slices(box, h, w)] = True
+    for box, cls, rejected in removed:
+        ys, xs = _box_slices(box, h, w)
         region = mask[ys, xs]
-        region[region == cat_id[cls]] = IGNORE_INDEX
+        of_class = region == cat_id[cls]
+        region[of_class & covered[ys, xs]] = IGNORE_INDEX
+        region[of_class & ~covered[ys, xs]] = 0 if rejected else IGNORE_INDEX
     buf = io.BytesIO()
     Image.fromarray(mask).save(buf, format="PNG")
     atomic_write_bytes(safe_join(root_out, img["semantic_file"]), buf.getvalue(), fsync=False)
