@@ -10,7 +10,10 @@ Trains the same student (``--student``, default the first of ``params.distill.st
     hard_negatives   + the mine stage's hard regions and pixels, and segmentation OHEM (= the ``distill`` stage)
 
 and scores each on the scenario test set: mAP, AP50, per-class AP, mIoU, confuser false positives per image
-(score >= 0.3, see :func:`dataengine.evaluation.confuser_false_positives`). Variants before ``hard_negatives`` run
+(score >= 0.3, see :func:`dataengine.evaluation.confuser_false_positives`), and confuser false positives at matched
+recall (:data:`MATCHED_RECALL` of the test objects, each model at its own threshold,
+:func:`dataengine.evaluation.confuser_false_positives_at_recall`: a model that is merely less confident everywhere
+gains nothing there). Variants before ``hard_negatives`` run
 with OHEM off, so the last step measures image-level + pixel-level mining together (issue 6's ablation).
 
 Writes ``benchmarks/results/distill_ablation.json`` (every variant) and ``benchmarks/results/curation_ablation.json``
@@ -29,6 +32,7 @@ Usage:
     python benchmarks/distill_ablation.py                       # all variants, ~2-3 min each on 2 CPU cores
     python benchmarks/distill_ablation.py --variants distill rebalance --seeds 0 1
     python benchmarks/distill_ablation.py --oracle-review 150 --variants rebalance hard_negatives
+    python benchmarks/distill_ablation.py --oracle-review 432 --variants rebalance hard_negatives --seeds 0 1 2 3 --reuse
 """
 
 from __future__ import annotations
@@ -51,7 +55,12 @@ from dataengine.config import DistillLossParams, DistillParams, load_params
 from dataengine.data.coco import CategoryMap, load_coco
 from dataengine.distill import train_student
 from dataengine.engine.checkpoint import load_model
-from dataengine.evaluation import SegmentationMeter, confuser_false_positives, evaluate_detection
+from dataengine.evaluation import (
+    SegmentationMeter,
+    confuser_false_positives,
+    confuser_false_positives_at_recall,
+    evaluate_detection,
+)
 from dataengine.inference import predict_coco
 from dataengine.io import atomic_write_json
 from dataengine.models import create_model
@@ -59,6 +68,7 @@ from dataengine.review.oracle import simulate_review
 from dataengine.review.decisions import write_decisions
 
 VARIANTS = ("baseline", "pseudo", "distill", "rebalance", "hard_negatives")
+MATCHED_RECALL = 0.75  # confuser FPs are also read where each model finds 75 % of the test objects (see score())
 NO_KD = DistillLossParams(cls_kd=0.0, box_kd=0.0, feature=0.0, seg_kd=0.0)
 
 
@@ -85,6 +95,9 @@ def score(checkpoint: Path, data: Path) -> dict[str, Any]:
     det = evaluate_detection(test, results)
     out = {k: det[k] for k in ("mAP", "AP50", "per_class_AP")}
     out["confuser_fp_per_image"] = confuser_false_positives(test, results)["confuser_fp_per_image"]
+    at = confuser_false_positives_at_recall(test, results, MATCHED_RECALL)
+    out["confuser_fp_at_recall"] = at["confuser_fp_per_image"]
+    out["score_threshold_at_recall"] = at["score_threshold"]
     out["mIoU"] = meter.compute()["mIoU"] if isinstance(meter, SegmentationMeter) else None
     return out
 
@@ -133,7 +146,8 @@ def simulated_review_inputs(n_images: int, params: str, data: Path, out: Path) -
 
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "train_seconds"):
+    for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "confuser_fp_at_recall", "score_threshold_at_recall",
+                "train_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = round(statistics.fmean(values), 4) if values else None
         if len(values) > 1:
@@ -155,6 +169,9 @@ def main() -> int:
     parser.add_argument("--curation-out", default="benchmarks/results/curation_ablation.json")
     parser.add_argument("--oracle-review", type=int, default=0, metavar="N",
                         help="simulate a reviewer on the first N queued images first (see the module docstring)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="score the checkpoints a previous run left in --work instead of training again (to read "
+                             "old runs with a new metric; train_seconds is then null); a missing one is trained")
     args = parser.parse_args()
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -175,15 +192,18 @@ def main() -> int:
             vp, baseline = variant_params(params.distill, variant, seed)
             out_dir = work / f"{variant}_seed{seed}"
             t0 = time.perf_counter()
-            train_student(student, vp, params.mine, teacher="models/teacher/model.pt", data_root=data,
-                          curated=inputs["curated"], plan=inputs["plan"], mined=inputs["mined"],
-                          out_dir=out_dir, log_dir=out_dir / "dvclive", baseline=baseline, resume=False,
-                          progress=False)
+            reused = args.reuse and (out_dir / "model.pt").is_file()
+            if not reused:
+                train_student(student, vp, params.mine, teacher="models/teacher/model.pt", data_root=data,
+                              curated=inputs["curated"], plan=inputs["plan"], mined=inputs["mined"],
+                              out_dir=out_dir, log_dir=out_dir / "dvclive", baseline=baseline, resume=False,
+                              progress=False)
             run = score(out_dir / "model.pt", data)
-            run["train_seconds"] = round(time.perf_counter() - t0, 1)
+            run["train_seconds"] = None if reused else round(time.perf_counter() - t0, 1)
             runs.append(run)
             print(f"{variant:15s} seed {seed}: AP50 {run['AP50']:.4f} mAP {run['mAP']:.4f} {rare} AP "
                   f"{run['per_class_AP'][rare]:.4f} confuser FP/img {run['confuser_fp_per_image']} "
+                  f"(at recall {MATCHED_RECALL}: {run['confuser_fp_at_recall']}) "
                   f"({run['train_seconds']} s)", flush=True)
         results[variant] = {**mean_over_seeds(runs), "runs": runs}
 
@@ -204,7 +224,12 @@ def main() -> int:
     if {"rebalance", "hard_negatives"} <= set(results):
         without = results["rebalance"]["confuser_fp_per_image"]
         with_ = results["hard_negatives"]["confuser_fp_per_image"]
+        at_without = results["rebalance"]["confuser_fp_at_recall"]
+        at_with = results["hard_negatives"]["confuser_fp_at_recall"]
         curation.update({"confuser_fp_without": without, "confuser_fp_with": with_,
+                         "matched_recall": MATCHED_RECALL, "confuser_fp_at_recall_without": at_without,
+                         "confuser_fp_at_recall_with": at_with,
+                         "confuser_fp_at_recall_reduction": round(1 - at_with / at_without, 4) if at_without else None,
                          "AP50_without": results["rebalance"]["AP50"], "AP50_with": results["hard_negatives"]["AP50"],
                          "confuser_fp_reduction": round(1 - with_ / without, 4) if without else None})
     if curation:

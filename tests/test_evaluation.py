@@ -17,6 +17,7 @@ from torchvision.ops import box_iou
 from dataengine.evaluation import (
     SegmentationMeter,
     confuser_false_positives,
+    confuser_false_positives_at_recall,
     evaluate_detection,
     flatten_metrics,
     match_predictions,
@@ -263,6 +264,30 @@ def test_confuser_edge_cases() -> None:
     assert none == {"confuser_fp_per_image": None, "confuser_fp": 0, "images": 0}
     with pytest.raises(ValueError, match="gt image id=1: 'confusers' must be a list"):
         confuser_false_positives(_gt([], **{"1": {"confusers": [[1, 2, 3]]}}), [])
+
+
+def test_confuser_fp_at_recall_reads_each_model_at_its_own_threshold() -> None:
+    # 4 cats in 2 images, a confuser in each; a model that scores everything 0.5x lower has the same operating
+    # points: at matched recall it fires on confusers exactly as often, while a fixed threshold would favour it
+    cats = [(1, 1, [0, 0, 10, 10]), (1, 1, [20, 0, 10, 10]), (2, 1, [0, 0, 10, 10]), (2, 1, [20, 0, 10, 10])]
+    confuser = {"confusers": [[60.0, 60.0, 20.0, 20.0]]}
+    gt = _gt(cats, n_images=2, **{"1": confuser, "2": confuser})
+    preds = [_pred(img, 1, box, s) for (img, _, box), s in zip(cats, (0.9, 0.8, 0.6, 0.3))]
+    preds += [_pred(1, 1, [60, 60, 20, 20], 0.7), _pred(2, 1, [61, 61, 20, 20], 0.35)]
+    preds += [_pred(1, 1, [0, 0, 10, 10], 0.95)]  # a duplicate of a found cat: matched first, the 0.9 one is not
+    r = confuser_false_positives_at_recall(gt, preds, 0.75)
+    assert r["score_threshold"] == 0.6 and r["recall_reached"] == 0.75  # cats found: 0.95, 0.8, 0.6
+    assert r["confuser_fp"] == 1 and r["confuser_fp_per_image"] == 0.5 and r["max_recall"] == 1.0
+    shy = [{**p, "score": p["score"] * 0.5} for p in preds]
+    assert confuser_false_positives(gt, shy)["confuser_fp"] < confuser_false_positives(gt, preds)["confuser_fp"]
+    assert confuser_false_positives_at_recall(gt, shy, 0.75)["confuser_fp"] == 1
+    everything = confuser_false_positives_at_recall(gt, preds, 1.0)
+    assert everything["score_threshold"] == 0.3 and everything["confuser_fp"] == 2
+    out_of_reach = confuser_false_positives_at_recall(gt, preds[:2], 0.75)
+    assert out_of_reach["score_threshold"] is None and out_of_reach["max_recall"] == 0.5
+    assert out_of_reach["confuser_fp_per_image"] is None and out_of_reach["images"] == 2
+    with pytest.raises(ValueError, match=r"recall must be in \(0, 1\]"):
+        confuser_false_positives_at_recall(gt, preds, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

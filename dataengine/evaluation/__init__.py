@@ -16,6 +16,7 @@ from typing import Any
 
 from dataengine.evaluation.detection import (
     confuser_false_positives,
+    confuser_false_positives_at_recall,
     evaluate_detection,
     match_predictions,
     precision_recall_at,
@@ -29,6 +30,7 @@ __all__ = [
     "match_predictions",
     "precision_recall_at",
     "confuser_false_positives",
+    "confuser_false_positives_at_recall",
     "SegmentationMeter",
     "flatten_metrics",
 ]

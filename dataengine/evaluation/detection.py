@@ -52,6 +52,7 @@ __all__ = [
     "match_predictions",
     "precision_recall_at",
     "confuser_false_positives",
+    "confuser_false_positives_at_recall",
 ]
 
 # Indices into COCOeval.stats, see COCOeval.summarize (_summarizeDets).
@@ -488,3 +489,68 @@ def confuser_false_positives(
         count += 1
     images = len(confusers)
     return {"confuser_fp_per_image": count / images if images else None, "confuser_fp": count, "images": images}
+
+
+def confuser_false_positives_at_recall(
+    gt: dict[str, Any],
+    predictions: list[dict[str, Any]],
+    recall: float,
+    *,
+    iou: float = 0.5,
+    iou_threshold: float = 0.3,
+    match_iou: float = 0.5,
+) -> dict[str, Any]:
+    """Confuser false positives at the operating point where the detector reaches a given recall of real objects.
+
+    :func:`confuser_false_positives` counts at a fixed score threshold, so a model that lowers *every* score (a
+    calibration shift) fires less on confusers there without telling them apart any better; it also finds fewer
+    real objects. Here each model is read at its own threshold: the highest score at which its recall of the GT
+    objects (class-aware one-to-one matching at ``iou``, :func:`match_predictions`) reaches ``recall``; the confuser
+    count uses that threshold. Two models compared this way find the same share of real objects, so fewer confuser
+    false positives means better discrimination, not lower confidence.
+
+    Args:
+        gt: Ground-truth COCO dict with per-image ``confusers``.
+        predictions: COCO results.
+        recall: Target recall of the GT objects, in ``(0, 1]``.
+        iou: IoU for a prediction to match a GT object (recall).
+        iou_threshold, match_iou: As in :func:`confuser_false_positives`.
+
+    Returns:
+        ``{"recall": target, "score_threshold": float | None, "recall_reached": float | None,
+        "confuser_fp_per_image": float | None, "confuser_fp": int | None, "images": int, "max_recall": float}``;
+        the threshold and counts are ``None`` when no threshold reaches ``recall`` (then ``max_recall`` says how far
+        the model gets) or the GT has no object.
+
+    Raises:
+        ValueError: ``recall`` outside ``(0, 1]``, or what :func:`confuser_false_positives` refuses.
+
+    Example:
+        >>> gt = {"images": [{"id": 1, "confusers": [[50, 50, 10, 10]]}], "categories": [{"id": 1, "name": "cat"}],
+        ...       "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]}]}
+        >>> preds = [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.4},
+        ...          {"image_id": 1, "category_id": 1, "bbox": [50, 50, 10, 10], "score": 0.6}]
+        >>> r = confuser_false_positives_at_recall(gt, preds, 1.0)
+        >>> r["score_threshold"], r["confuser_fp_per_image"]  # to find the object, the model must accept 0.4
+        (0.4, 1.0)
+    """
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall!r}")
+    matched = match_predictions(gt, predictions, iou_threshold=iou)
+    n_gt = sum(1 for ann in gt.get("annotations", []) if not ann.get("iscrowd", 0))
+    # Greedy matching by descending score makes the matches among predictions scoring >= t independent of the
+    # predictions below t, so one matching gives the recall at every threshold.
+    hits = sorted((float(p["score"]) for p, m in zip(predictions, matched) if m), reverse=True)
+    max_recall = len(hits) / n_gt if n_gt else 0.0
+    out: dict[str, Any] = {"recall": recall, "score_threshold": None, "recall_reached": None,
+                           "confuser_fp_per_image": None, "confuser_fp": None, "images": None,
+                           "max_recall": max_recall}
+    needed = math.ceil(recall * n_gt - 1e-9)
+    if not n_gt or needed > len(hits):
+        out["images"] = confuser_false_positives(gt, [], iou_threshold=iou_threshold, match_iou=match_iou)["images"]
+        return out
+    threshold = hits[needed - 1]
+    counted = confuser_false_positives(gt, predictions, score_threshold=threshold, iou_threshold=iou_threshold,
+                                       match_iou=match_iou)
+    return {**out, "score_threshold": threshold, "recall_reached": sum(s >= threshold for s in hits) / n_gt,
+            **counted}
