@@ -311,3 +311,26 @@ def test_distill_stage_killed_mid_way_leaves_no_final_model_and_resumes(tiny_eng
     rows = (tmp_path / "live" / "plots" / "metrics" / "train" / "loss.tsv").read_text().strip().splitlines()
     assert [r.split("\t")[0] for r in rows[1:]] == ["0", "1", "2", "3"], "one log row per epoch after the resume"
     assert sorted(p.name for p in out.iterdir()) == ["last.pt", "model.pt"]  # no temp file, nothing stale
+
+
+def test_the_channels_last_teacher_distils_what_the_plain_teacher_does(tiny_engine: dict[str, Any]) -> None:
+    import copy
+
+    from dataengine.distill import DistillLoss, distill_terms
+    from dataengine.engine.checkpoint import load_model
+
+    teacher, _ = load_model(tiny_engine["teacher"], lambda c: create_model(**c))
+    plain_teacher = copy.deepcopy(teacher).eval()
+    student = create_model("mobilenet_v3_small_gfl", num_classes=len(tiny_engine["names"]), input_size=64).eval()
+    params = _distill_params(loss=DistillLossParams(cls_kd=1.0, box_kd=1.0, feature=0.0, seg_kd=1.0))
+    loss = DistillLoss(teacher, None, params)
+    conv = next(m for m in loss.teacher.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.rand(2, 3, 64, 64)
+    target = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
+              "semantic": torch.zeros(64, 64, dtype=torch.long)}
+    got = loss(student, images, [target, target])
+    with torch.no_grad():
+        want = distill_terms(student(images), plain_teacher(images), params=params.loss, reg_max=student.reg_max)
+    for key in ("kd_cls", "kd_box", "kd_seg"):
+        assert float(got[key].detach()) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
