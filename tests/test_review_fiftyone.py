@@ -431,3 +431,56 @@ def test_open_in_the_background_says_how_to_stop_and_stops_on_sigterm(tree, data
         proc.kill()
     assert proc.returncode == 0, out
     assert "stopping the App" in out and "App stopped" in out
+
+
+class _FakeSession:
+    """Stands in for the App's fo.Session (outside the boundary: what is tested is how `serve` stops)."""
+
+    def __init__(self, wait_error: type[BaseException] | None = None) -> None:
+        self.waited = self.closed = False
+        self.wait_error = wait_error
+
+    def wait(self, timeout: float) -> None:
+        self.waited = True
+        if self.wait_error is not None:
+            raise self.wait_error("SIGTERM")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _SignalDuringServingLine:
+    """stdout on which a signal lands while the "serving" line is being printed (the race CI once hit)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.fired = False
+
+    def write(self, s: str) -> int:
+        self.text += s
+        if s.startswith("serving") and not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt("SIGTERM")
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("where", ["while printing the serving line", "while waiting"])
+def test_serve_stops_cleanly_wherever_the_signal_lands(monkeypatch, where) -> None:
+    import signal
+    import sys
+
+    out = _SignalDuringServingLine()
+    out.fired = where == "while waiting"  # then the line prints normally and the signal arrives in session.wait
+    session = _FakeSession(wait_error=KeyboardInterrupt if where == "while waiting" else None)
+    monkeypatch.setattr(sys, "stdout", out)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert fa.serve(session) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert session.closed
+    assert session.waited == (where == "while waiting")
+    assert "stopping the App" in out.text and out.text.rstrip().endswith("App stopped")

@@ -721,15 +721,25 @@ def open_cli(argv: Sequence[str]) -> int:
     if args.no_wait:
         session.close()
         return 0
+    return serve(session)
+
+
+def serve(session: Any) -> int:
+    """Serve the App until Ctrl-C or SIGTERM (``kill PID``), then close it: the tail of ``dataengine review open``.
+
+    The SIGTERM handler and the "serving" line sit inside the ``try``: a caller that sends SIGTERM the moment it reads
+    that line (a script, a test) can land the signal while ``print`` is still returning, and it must still stop the App
+    cleanly (exit 0, "App stopped"), not end in a traceback.
+    """
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: for a hang at start or stop
         faulthandler.register(signal.SIGUSR1, all_threads=True)
-    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the App as cleanly as Ctrl-C
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with `&` from a script, or under nohup
-        print(f"serving; Ctrl-C is ignored in this process (started in the background?): stop it with "
-              f"`kill {os.getpid()}`", flush=True)
-    else:
-        print("serving until Ctrl-C", flush=True)
     try:
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops the App as cleanly as Ctrl-C
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with `&` from a script, or under nohup
+            print(f"serving; Ctrl-C is ignored in this process (started in the background?): stop it with "
+                  f"`kill {os.getpid()}`", flush=True)
+        else:
+            print("serving until Ctrl-C", flush=True)
         session.wait(-1)
     except KeyboardInterrupt:
         print("stopping the App", flush=True)
