@@ -316,7 +316,7 @@ def test_distill_stage_killed_mid_way_leaves_no_final_model_and_resumes(tiny_eng
 def test_the_channels_last_teacher_distils_what_the_plain_teacher_does(tiny_engine: dict[str, Any]) -> None:
     import copy
 
-    from dataengine.distill import DistillLoss, distill_terms
+    from dataengine.distill import DistillLoss
     from dataengine.engine.checkpoint import load_model
 
     teacher, _ = load_model(tiny_engine["teacher"], lambda c: create_model(**c))
