@@ -14,11 +14,18 @@ This script measures whether the teacher's own features can tell them apart:
    L2-normalised). A cosine k-nearest-neighbour classifier (scikit-learn) over the examples, of all classes or of
    the box's class only, scores every accepted box of the *unreviewed* images; a box is flagged above ``thr``.
    Counted: flagged ``confuser`` / ``ok`` / ``other`` boxes.
+3. **Novelty** (no review needed): the Mahalanobis distance of each accepted box's features to its class under
+   class-conditional Gaussians with one shared covariance (Lee et al. 2018, "A simple unified framework for detecting
+   out-of-distribution samples"), fitted on the general-train ground-truth boxes (``sklearn.covariance.LedoitWolf``).
+   Per class, the AUROC with which it ranks ``confuser`` boxes above ``ok`` boxes, next to the AUROC of the
+   teacher's own score (low score = suspect): if the distance ranked confusers better than the score, the filter
+   could route far-out boxes to review.
 
 On the demo (2026-11-23, 14-epoch teacher, 150 reviewed images) no setting separates them: flagged confuser boxes
 come with 2 to 5 times as many correct ones (at most 17 of 118 confusers, then with 64 of 839 correct boxes). The
 teacher's features do not tell a confuser from its class (it never saw one), so the engine does not propagate
-rejections this way.
+rejections this way. The novelty distance ranks confusers no better than the score does (see the README), so the
+filter has no novelty gate either.
 
 Needs the outputs of ``dvc repro`` up to ``filter`` (data/filtered, data/prepared with ``pool_hidden.json``,
 models/teacher). Writes ``benchmarks/results/review_propagation.json``.
@@ -41,6 +48,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
 from sklearn.neighbors import KNeighborsClassifier
 from torchvision.ops import box_iou, roi_align
 
@@ -119,6 +128,34 @@ def roi_features(model: torch.nn.Module, pool_root: Path, boxes: list[dict[str, 
     return np.stack(out)
 
 
+def novelty(model: torch.nn.Module, project: Path, truth: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per class: AUROC of the Mahalanobis distance and of the negated score for ``confuser`` vs ``ok`` boxes."""
+    general = json.loads((project / "data/prepared/general/train.json").read_text())
+    names = {c["id"]: c["name"] for c in general["categories"]}
+    files = {img["id"]: img["file_name"] for img in general["images"]}
+    gt = [{"file_name": files[a["image_id"]], "bbox": _xyxy(a["bbox"]), "class_name": names[a["category_id"]]}
+          for a in general["annotations"]]
+    x_gt = roi_features(model, project / "data/prepared/general/images", gt)
+    y_gt = np.array([g["class_name"] for g in gt])
+    means = {cls: x_gt[y_gt == cls].mean(0) for cls in sorted(set(y_gt.tolist()))}
+    precision = LedoitWolf().fit(x_gt - np.stack([means[c] for c in y_gt])).precision_
+    rows = [r for r in truth if r["kind"] in ("ok", "confuser")]
+    diff = roi_features(model, project / "data/prepared/scenario/pool", rows) - np.stack(
+        [means[r["class_name"]] for r in rows])
+    distance = np.einsum("ij,jk,ik->i", diff, precision, diff)
+    out = {}
+    for cls in sorted({r["class_name"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["class_name"] == cls]
+        confuser = np.array([rows[i]["kind"] == "confuser" for i in idx])
+        if confuser.all() or not confuser.any():
+            continue  # AUROC needs both kinds
+        out[cls] = {"ok": int((~confuser).sum()), "confuser": int(confuser.sum()),
+                    "auroc_distance": round(float(roc_auc_score(confuser, distance[idx])), 3),
+                    "auroc_low_score": round(float(roc_auc_score(confuser, [-rows[i]["score"] for i in idx])), 3)}
+        print(f"novelty {cls}: {out[cls]}")
+    return {"fitted_on": f"{len(gt)} general-train ground-truth boxes", "per_class": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", default=str(ROOT), help="where dvc repro ran (default: this repository)")
@@ -166,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "accepted_band": band_summary(truth), "review_images": args.review, "review": stats,
         "examples": {"rejected": int(y_train.sum()), "kept": int((~y_train).sum())},
         "unreviewed_accepted": dict(Counter(r["kind"] for r in targets)), "settings": settings,
+        "novelty": novelty(model, project, truth),
         "features": "teacher neck P3+P4, roi_align 2x2, L2 per level; cosine kNN (scikit-learn)",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
