@@ -28,11 +28,17 @@ first N images of the review queue; the review, rebalance and mine stage scripts
 into ``<work>/review<N>/`` and the variants train on that curated set, plan and mined negatives. Results go to
 ``distill_ablation_review<N>.json`` and under ``"simulated_review"`` in ``curation_ablation.json``.
 
+``--oracle-mining`` (with ``--oracle-review``) is a diagnostic of the mining's ceiling: every confuser of the pool
+(hidden labels) is added as a region to the mine stage's output (:func:`oracle_mined`, ``<work>/review<N>/
+mined_oracle/``) before training, i.e. perfect image-level mining. Results go to
+``distill_ablation_review<N>_oracle_mining.json``; ``curation_ablation.json`` is not touched.
+
 Usage:
     python benchmarks/distill_ablation.py                       # all variants, ~2-3 min each on 2 CPU cores
     python benchmarks/distill_ablation.py --variants distill rebalance --seeds 0 1
     python benchmarks/distill_ablation.py --oracle-review 150 --variants rebalance hard_negatives
     python benchmarks/distill_ablation.py --oracle-review 432 --variants rebalance hard_negatives --seeds 0 1 2 3 --reuse
+    python benchmarks/distill_ablation.py --oracle-review 432 --oracle-mining --variants hard_negatives --seeds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import dataclasses
 import datetime
 import json
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,10 +56,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dataengine.config import DistillLossParams, DistillParams, load_params
 from dataengine.data.coco import CategoryMap, load_coco
+from dataengine.curation.mining import MINED_FILE, hard_map, map_path
 from dataengine.distill import train_student
 from dataengine.engine.checkpoint import load_model
 from dataengine.evaluation import (
@@ -144,6 +154,41 @@ def simulated_review_inputs(n_images: int, params: str, data: Path, out: Path) -
             "review_stats": stats, "mine": read(out / "mine.json")}
 
 
+def oracle_mined(mined: Path, out: Path, curated: Path, hidden: Path) -> dict[str, int]:
+    """Copy the mine stage's output to ``out`` and add every confuser of ``hidden`` as a region (perfect mining).
+
+    A region's bits are OR-ed into the image's map (:func:`dataengine.curation.mining.hard_map`); an image with
+    confusers and no entry gets one. Only images of the curated set are touched (the student trains on no other).
+    """
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(mined, out)
+    doc = json.loads((out / MINED_FILE).read_text())
+    ids = {img["file_name"]: int(img["id"]) for img in load_coco(curated)["images"]}
+    entries = {(e["source"], e["file_name"]): e for e in doc["images"]}
+    added = images = 0
+    for img in load_coco(hidden)["images"]:
+        name = img["file_name"]
+        if not img.get("confusers") or name not in ids:
+            continue
+        entry = entries.setdefault(("scenario", name), {"source": "scenario", "file_name": name, "image_id": ids[name],
+                                                        "reasons": ["teacher_fp"], "regions": [], "hard_pixels": 0,
+                                                        "map": None})
+        regions = [{"bbox": [x, y, x + w, y + h], "class_name": "confuser", "score": 1.0}
+                   for x, y, w, h in img["confusers"]]
+        bits = np.array(Image.open(out / entry["map"])) if entry["map"] else \
+            np.zeros((int(img["height"]), int(img["width"])), np.uint8)
+        bits |= hard_map(regions, np.zeros(bits.shape, bool))
+        entry["map"] = map_path("scenario", name)
+        (out / entry["map"]).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(bits).save(out / entry["map"])
+        entry["regions"] += regions
+        added, images = added + len(regions), images + 1
+    doc["images"] = sorted(entries.values(), key=lambda e: (e["source"], e["file_name"]))
+    atomic_write_json(out / MINED_FILE, doc)
+    return {"confuser_regions_added": added, "images": images}
+
+
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "confuser_fp_at_recall", "score_threshold_at_recall",
@@ -169,10 +214,14 @@ def main() -> int:
     parser.add_argument("--curation-out", default="benchmarks/results/curation_ablation.json")
     parser.add_argument("--oracle-review", type=int, default=0, metavar="N",
                         help="simulate a reviewer on the first N queued images first (see the module docstring)")
+    parser.add_argument("--oracle-mining", action="store_true",
+                        help="with --oracle-review: add every pool confuser as a mined region (the mining's ceiling)")
     parser.add_argument("--reuse", action="store_true",
                         help="score the checkpoints a previous run left in --work instead of training again (to read "
                              "old runs with a new metric; train_seconds is then null); a missing one is trained")
     args = parser.parse_args()
+    if args.oracle_mining and not args.oracle_review:
+        parser.error("--oracle-mining needs --oracle-review N")
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params, ["distill", "mine"])
@@ -184,6 +233,12 @@ def main() -> int:
         inputs = simulated_review_inputs(args.oracle_review, args.params, data, work / f"review{args.oracle_review}")
         work = work / f"review{args.oracle_review}"
         args.out = args.out.replace(".json", f"_review{args.oracle_review}.json")
+        if args.oracle_mining:
+            inputs["oracle_mining"] = oracle_mined(Path(inputs["mined"]), work / "mined_oracle", Path(inputs["curated"]),
+                                                   data / "scenario/pool_hidden.json")
+            inputs["mined"] = work / "mined_oracle"
+            args.out = args.out.replace(".json", "_oracle_mining.json")
+            print(f"oracle mining: {inputs['oracle_mining']}", flush=True)
     rare = rarest_class(data / "general/train.json", Path(inputs["curated"]))
     results: dict[str, Any] = {}
     for variant in args.variants:
@@ -216,6 +271,8 @@ def main() -> int:
                                     "mined": {k: inputs["mine"]["total"][k] for k in
                                               ("hard_negative_images", "by_reason", "regions", "regions_by_class",
                                                "hard_pixels", "hard_pixels_by_class")}}
+        if args.oracle_mining:
+            meta["oracle_mining"] = inputs["oracle_mining"]
     atomic_write_json(args.out, {**meta, "variants": results}, indent=1)
     curation: dict[str, Any] = {}
     if {"distill", "rebalance"} <= set(results):
@@ -232,7 +289,7 @@ def main() -> int:
                          "confuser_fp_at_recall_reduction": round(1 - at_with / at_without, 4) if at_without else None,
                          "AP50_without": results["rebalance"]["AP50"], "AP50_with": results["hard_negatives"]["AP50"],
                          "confuser_fp_reduction": round(1 - with_ / without, 4) if without else None})
-    if curation:
+    if curation and not args.oracle_mining:
         curation.update({"comparison": {"rebalancing": "variant 'distill' (without) vs 'rebalance' (with)",
                                         "mining": "variant 'rebalance' (without) vs 'hard_negatives' (with: mined "
                                                   "regions and pixels + OHEM)"}, **meta})
