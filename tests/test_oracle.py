@@ -67,3 +67,50 @@ def test_simulated_review_of_zero_images_and_unknown_image() -> None:
     hidden["images"] = hidden["images"][1:]
     with pytest.raises(KeyError, match="a.png"):
         simulate_review(queue, accepted, rejected, hidden, n_images=1)
+
+
+def test_oracle_mined_adds_every_curated_confuser_as_a_region(tmp_path):
+    """``benchmarks/distill_ablation.py --oracle-mining``: confusers become regions, existing bits are kept."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location(
+        "distill_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "distill_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+
+    mined = tmp_path / "mined"
+    (mined / "maps/scenario").mkdir(parents=True)
+    old = np.zeros((8, 10), np.uint8)
+    old[0, 0] = 2  # a hard pixel
+    Image.fromarray(old).save(mined / "maps/scenario/a.png.png")
+    entry = {"source": "scenario", "file_name": "a.png", "image_id": 1, "reasons": [], "hard_pixels": 1,
+             "regions": [], "map": "maps/scenario/a.png.png"}
+    (mined / "hard_negatives.json").write_text(json.dumps({"version": 1, "params": {}, "images": [entry]}))
+    curated = tmp_path / "curated.json"
+    curated.write_text(json.dumps({"categories": CATS, "annotations": [], "images": [
+        {"id": 1, "file_name": "a.png", "width": 10, "height": 8}, {"id": 2, "file_name": "b.png", "width": 10,
+                                                                    "height": 8}]}))
+    hidden = tmp_path / "hidden.json"
+    hidden.write_text(json.dumps({"categories": CATS, "annotations": [], "images": [
+        {"id": 7, "file_name": "a.png", "width": 10, "height": 8, "confusers": [[1.5, 2, 2, 3]]},
+        {"id": 8, "file_name": "b.png", "width": 10, "height": 8, "confusers": [[0, 0, 1, 1], [8, 6, 2, 2]]},
+        {"id": 9, "file_name": "c.png", "width": 10, "height": 8, "confusers": [[0, 0, 1, 1]]}]}))  # not curated
+
+    stats = ablation.oracle_mined(mined, tmp_path / "oracle", curated, hidden)
+
+    assert stats == {"confuser_regions_added": 3, "images": 2}
+    doc = json.loads((tmp_path / "oracle/hard_negatives.json").read_text())
+    by_name = {e["file_name"]: e for e in doc["images"]}
+    assert sorted(by_name) == ["a.png", "b.png"]
+    assert by_name["a.png"]["regions"] == [{"bbox": [1.5, 2, 3.5, 5], "class_name": "confuser", "score": 1.0}]
+    assert by_name["b.png"]["image_id"] == 2 and by_name["b.png"]["map"] == "maps/scenario/b.png.png"
+    a = np.array(Image.open(tmp_path / "oracle/maps/scenario/a.png.png"))
+    assert a[0, 0] == 2 and (a[2:5, 1:4] == 1).all() and a.sum() == 2 + 9  # floor/ceil: columns 1-3, rows 2-4
+    b = np.array(Image.open(tmp_path / "oracle/maps/scenario/b.png.png"))
+    assert b[0, 0] == 1 and (b[6:8, 8:10] == 1).all() and b.sum() == 5
+    assert not (mined / "maps/scenario/b.png.png").exists()  # the mine stage's output is left as it was
