@@ -61,8 +61,8 @@ import torch
 from PIL import Image
 
 from dataengine.config import DistillLossParams, DistillParams, load_params
-from dataengine.data.coco import CategoryMap, load_coco
 from dataengine.curation.mining import MINED_FILE, hard_map, map_path
+from dataengine.data.coco import CategoryMap, load_coco
 from dataengine.distill import train_student
 from dataengine.engine.checkpoint import load_model
 from dataengine.evaluation import (
