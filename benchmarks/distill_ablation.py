@@ -33,12 +33,17 @@ into ``<work>/review<N>/`` and the variants train on that curated set, plan and 
 mined_oracle/``) before training, i.e. perfect image-level mining. Results go to
 ``distill_ablation_review<N>_oracle_mining.json``; ``curation_ablation.json`` is not touched.
 
+``--epochs E`` gives every variant a larger budget (``E x distill.epoch_size`` images instead of the default 6 x 1,200,
+which is set by the 15-minute demo). Results go to ``..._epochs<E>.json`` and ``curation_ablation.json`` under
+``"simulated_review_epochs<E>"`` (with ``--oracle-review``) or ``"default_run_epochs<E>"``.
+
 Usage:
     python benchmarks/distill_ablation.py                       # all variants, ~2-3 min each on 2 CPU cores
     python benchmarks/distill_ablation.py --variants distill rebalance --seeds 0 1
     python benchmarks/distill_ablation.py --oracle-review 150 --variants rebalance hard_negatives
     python benchmarks/distill_ablation.py --oracle-review 432 --variants rebalance hard_negatives --seeds 0 1 2 3 --reuse
     python benchmarks/distill_ablation.py --oracle-review 432 --oracle-mining --variants hard_negatives --seeds 0 1 2 3
+    python benchmarks/distill_ablation.py --oracle-review 432 --epochs 18 --variants rebalance hard_negatives --seeds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -95,6 +100,12 @@ def variant_params(base: DistillParams, variant: str, seed: int) -> tuple[Distil
         "hard_negatives": dict(pseudo_labels=True, rebalance=True, hard_negatives=True),
     }
     return dataclasses.replace(base, train=train, **steps[variant]), variant == "baseline"
+
+
+def with_epochs(base: DistillParams, epochs: int) -> DistillParams:
+    """``base`` with a budget of ``epochs x epoch_size`` images (``--epochs``); nothing else changes."""
+    train = dataclasses.replace(base.train, epochs=epochs, eval_every=min(base.train.eval_every, epochs))
+    return dataclasses.replace(base, train=train)
 
 
 def score(checkpoint: Path, data: Path) -> dict[str, Any]:
@@ -216,15 +227,23 @@ def main() -> int:
                         help="simulate a reviewer on the first N queued images first (see the module docstring)")
     parser.add_argument("--oracle-mining", action="store_true",
                         help="with --oracle-review: add every pool confuser as a mined region (the mining's ceiling)")
+    parser.add_argument("--epochs", type=int, default=0, metavar="E",
+                        help="train every variant for E epochs of distill.epoch_size images instead of "
+                             "distill.train.epochs (a larger budget than the 15-minute demo's); results get the suffix "
+                             "_epochs<E> and go under their own key of curation_ablation.json")
     parser.add_argument("--reuse", action="store_true",
                         help="score the checkpoints a previous run left in --work instead of training again (to read "
                              "old runs with a new metric; train_seconds is then null); a missing one is trained")
     args = parser.parse_args()
     if args.oracle_mining and not args.oracle_review:
         parser.error("--oracle-mining needs --oracle-review N")
+    if args.epochs < 0:
+        parser.error(f"--epochs must be >= 1, got {args.epochs}")
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params, ["distill", "mine"])
+    if args.epochs:
+        params = dataclasses.replace(params, distill=with_epochs(params.distill, args.epochs))
     student = args.student or next(iter(params.distill.students))
     data, work = Path(args.data), Path(args.work)
     inputs: dict[str, Any] = {"curated": Path("data/curated/scenario.json"), "plan": Path("data/rebalance/plan.json"),
@@ -239,6 +258,8 @@ def main() -> int:
             inputs["mined"] = work / "mined_oracle"
             args.out = args.out.replace(".json", "_oracle_mining.json")
             print(f"oracle mining: {inputs['oracle_mining']}", flush=True)
+    if args.epochs:
+        args.out = args.out.replace(".json", f"_epochs{args.epochs}.json")
     rare = rarest_class(data / "general/train.json", Path(inputs["curated"]))
     results: dict[str, Any] = {}
     for variant in args.variants:
@@ -295,7 +316,10 @@ def main() -> int:
                                                   "regions and pixels + OHEM)"}, **meta})
         path = Path(args.curation_out)
         doc = json.loads(path.read_text()) if path.exists() else {}
-        if args.oracle_review:  # nested: the top-level keys stay the plain pipeline's (no review decisions)
+        if args.epochs:  # another budget: its own key, the top-level keys stay the default budget's
+            key = f"{'simulated_review' if args.oracle_review else 'default_run'}_epochs{args.epochs}"
+            doc[key] = {**doc.get(key, {}), **curation}
+        elif args.oracle_review:  # nested: the top-level keys stay the plain pipeline's (no review decisions)
             doc["simulated_review"] = {**doc.get("simulated_review", {}), **curation}
         else:
             doc.update(curation)

@@ -114,3 +114,24 @@ def test_oracle_mined_adds_every_curated_confuser_as_a_region(tmp_path):
     b = np.array(Image.open(tmp_path / "oracle/maps/scenario/b.png.png"))
     assert b[0, 0] == 1 and (b[6:8, 8:10] == 1).all() and b.sum() == 5
     assert not (mined / "maps/scenario/b.png.png").exists()  # the mine stage's output is left as it was
+
+
+def test_with_epochs_changes_the_budget_and_nothing_else():
+    """``benchmarks/distill_ablation.py --epochs E``: E x epoch_size images, every other param as in params.yaml."""
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from dataengine.config import load_params
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("distill_ablation", root / "benchmarks" / "distill_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    base = load_params(root / "params.yaml", ["distill"]).distill
+
+    longer = ablation.with_epochs(base, 18)
+    assert longer.train.epochs == 18 and longer.train.eval_every == base.train.eval_every
+    assert dataclasses.replace(longer.train, epochs=base.train.epochs) == base.train
+    assert dataclasses.replace(longer, train=base.train) == base
+    assert ablation.with_epochs(base, 2).train.eval_every == 2  # evaluated at least after the last epoch
