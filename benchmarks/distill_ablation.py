@@ -103,8 +103,10 @@ def variant_params(base: DistillParams, variant: str, seed: int) -> tuple[Distil
 
 
 def with_epochs(base: DistillParams, epochs: int) -> DistillParams:
-    """``base`` with a budget of ``epochs x epoch_size`` images (``--epochs``); nothing else changes."""
-    train = dataclasses.replace(base.train, epochs=epochs, eval_every=min(base.train.eval_every, epochs))
+    """``base`` with a budget of ``epochs x epoch_size`` images (``--epochs``), evaluated on general val once, after
+    the last epoch (the ablation scores only the final checkpoint; each evaluation also draws from the global RNG, so
+    ``eval_every`` is part of what makes a run reproducible); nothing else changes."""
+    train = dataclasses.replace(base.train, epochs=epochs, eval_every=epochs)
     return dataclasses.replace(base, train=train)
 
 

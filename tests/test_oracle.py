@@ -131,7 +131,6 @@ def test_with_epochs_changes_the_budget_and_nothing_else():
     base = load_params(root / "params.yaml", ["distill"]).distill
 
     longer = ablation.with_epochs(base, 18)
-    assert longer.train.epochs == 18 and longer.train.eval_every == base.train.eval_every
-    assert dataclasses.replace(longer.train, epochs=base.train.epochs) == base.train
+    assert longer.train.epochs == 18 and longer.train.eval_every == 18  # one evaluation, after the last epoch
+    assert dataclasses.replace(longer.train, epochs=base.train.epochs, eval_every=base.train.eval_every) == base.train
     assert dataclasses.replace(longer, train=base.train) == base
-    assert ablation.with_epochs(base, 2).train.eval_every == 2  # evaluated at least after the last epoch
