@@ -288,7 +288,8 @@ def main() -> int:
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "student": student,
             "seeds": args.seeds, "budget_images": params.distill.train.epochs * params.distill.epoch_size,
-            "test_set": str(data / "scenario/test.json")}
+            "test_set": str(data / "scenario/test.json"), "params": str(args.params),
+            "mine": dataclasses.asdict(params.mine)}
     if args.oracle_review:
         meta["simulated_review"] = {"images": args.oracle_review, "decisions": inputs["review_stats"],
                                     "mined": {k: inputs["mine"]["total"][k] for k in
