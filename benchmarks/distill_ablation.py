@@ -240,7 +240,7 @@ def main() -> int:
     if args.oracle_mining and not args.oracle_review:
         parser.error("--oracle-mining needs --oracle-review N")
     if args.epochs < 0:
-        parser.error(f"--epochs must be >= 1, got {args.epochs}")
+        parser.error(f"--epochs must be >= 1 (or left out for distill.train.epochs), got {args.epochs}")
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     params = load_params(args.params, ["distill", "mine"])
