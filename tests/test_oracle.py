@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataengine.config import load_params
 from dataengine.review.decisions import validate_decisions
 from dataengine.review.oracle import simulate_review
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("distill_ablation", ROOT / "benchmarks" / "distill_ablation.py")
+ablation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablation)
 
 CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "star"}]
 
@@ -71,18 +84,6 @@ def test_simulated_review_of_zero_images_and_unknown_image() -> None:
 
 def test_oracle_mined_adds_every_curated_confuser_as_a_region(tmp_path):
     """``benchmarks/distill_ablation.py --oracle-mining``: confusers become regions, existing bits are kept."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    import numpy as np
-    from PIL import Image
-
-    spec = importlib.util.spec_from_file_location(
-        "distill_ablation", Path(__file__).resolve().parents[1] / "benchmarks" / "distill_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-
     mined = tmp_path / "mined"
     (mined / "maps/scenario").mkdir(parents=True)
     old = np.zeros((8, 10), np.uint8)
@@ -118,17 +119,7 @@ def test_oracle_mined_adds_every_curated_confuser_as_a_region(tmp_path):
 
 def test_with_epochs_changes_the_budget_and_nothing_else():
     """``benchmarks/distill_ablation.py --epochs E``: E x epoch_size images, every other param as in params.yaml."""
-    import dataclasses
-    import importlib.util
-    from pathlib import Path
-
-    from dataengine.config import load_params
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("distill_ablation", root / "benchmarks" / "distill_ablation.py")
-    ablation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablation)
-    base = load_params(root / "params.yaml", ["distill"]).distill
+    base = load_params(ROOT / "params.yaml", ["distill"]).distill
 
     longer = ablation.with_epochs(base, 18)
     assert longer.train.epochs == 18 and longer.train.eval_every == 18  # one evaluation, after the last epoch
