@@ -260,6 +260,7 @@ class MineParams:
     match_iou: float = _range(0.0, 1.0, default=0.3)  # a firing overlapping a curated box this much is not a negative
     max_regions_per_image: int = _range(1, 1000, default=10)
     negative_weight: float = _range(1.0, 100.0, default=3.0)  # loss weight of negatives inside hard regions
+    image_repeat: float = _range(1.0, 100.0, default=1.0)  # images with a hard region are drawn this x as often
     pixel_confidence: float = _range(0.5, 1.0, default=0.8)  # teacher foreground prob on a curated-background pixel
     pixel_weight: float = _range(1.0, 100.0, default=3.0)  # segmentation loss weight of hard negative pixels
     batch_size: int = _range(1, 1024, default=16)

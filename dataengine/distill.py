@@ -45,7 +45,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -67,6 +66,7 @@ from dataengine.engine.checkpoint import load_model
 from dataengine.engine.distributed import is_main_process
 from dataengine.engine.seeding import seed_everything
 from dataengine.inference import evaluate_model
+from dataengine.io import read_json
 from dataengine.models import create_model
 from dataengine.models.losses import quality_focal_loss
 from dataengine.models.multitask import HARD_REGION_BIT, MultiTaskDetSeg, _values_at
@@ -243,11 +243,37 @@ def build_student(spec: StudentSpec, num_classes: int, input_size: int, *, segme
                         segmentation=segmentation)
 
 
-def _hard_maps_by_id(mined: Path, source: str, coco: dict[str, Any]) -> dict[int, Path]:
-    from dataengine.curation.mining import hard_maps_for  # the mine stage's reader of its own output
+def _mined_for(mined: Path, source: str, coco: dict[str, Any]) -> tuple[dict[int, Path], set[int]]:
+    """The mine stage's maps of one source (image id -> map path) and the ids of its images with a region."""
+    from dataengine.curation.mining import hard_maps_for, region_image_ids  # the mine stage's reader of its output
 
-    doc = json.loads((mined / "hard_negatives.json").read_text(encoding="utf-8"))
-    return hard_maps_for(doc, source, coco, mined)
+    doc = read_json(mined / "hard_negatives.json")
+    return hard_maps_for(doc, source, coco, mined), region_image_ids(doc, source, coco)
+
+
+def oversample(weights: Sequence[float], hard: Sequence[bool], factor: float) -> tuple[list[float], float, float]:
+    """Sampling weights with the ``hard`` images' multiplied by ``factor`` (``mine.image_repeat``).
+
+    This is the image-level half of seed 001's "negative samples (pos-neg ratio)": the loss already weights the
+    negatives inside a mined region up (``mine.negative_weight``), but at the demo's budget most mined images are
+    drawn once or twice, too few exposures for a student to learn what a confuser looks like. Drawing them more
+    often, within the same ``epoch_size``, gives it more. The other images keep their relative weights.
+
+    Returns:
+        ``(weights, share_before, share_after)``: the new weights and the expected share of draws that are hard
+        images before and after.
+
+    Example:
+        >>> oversample([1.0, 1.0, 2.0, 4.0], [True, False, False, False], 3.0)
+        ([3.0, 1.0, 2.0, 4.0], 0.125, 0.3)
+    """
+    if len(weights) != len(hard):
+        raise ValueError(f"{len(weights)} weights but {len(hard)} hard flags")
+    out = [w * factor if h else float(w) for w, h in zip(weights, hard)]
+    total_before, total_after = sum(weights), sum(out)
+    share_before = sum(w for w, h in zip(weights, hard) if h) / total_before if total_before else 0.0
+    share_after = sum(w for w, h in zip(out, hard) if h) / total_after if total_after else 0.0
+    return out, share_before, share_after
 
 
 def train_student(
@@ -290,7 +316,10 @@ def train_student(
     mined_dir = Path(mined) if use_mined else None
 
     sources: list[tuple[str, CocoDetectionSegDataset]] = []
-    maps = _hard_maps_by_id(mined_dir, "general", general) if mined_dir else None
+    regions: dict[str, set[int]] = {}  # source -> ids of its images with a mined hard-negative region
+    maps = None
+    if mined_dir:
+        maps, regions["general"] = _mined_for(mined_dir, "general", general)
     sources.append(("general", CocoDetectionSegDataset(general, layout.general_images, train_tf, categories=cats,
                                                        **({"hard_maps": maps} if maps is not None else {}))))
     if use_pseudo:
@@ -298,17 +327,25 @@ def train_student(
         if CategoryMap.from_coco(scenario).names != cats.names:
             raise ValueError(f"{curated}: classes {list(CategoryMap.from_coco(scenario).names)} differ from general "
                              f"train's {list(cats.names)}")
-        maps = _hard_maps_by_id(mined_dir, "scenario", scenario) if mined_dir else None
+        maps = None
+        if mined_dir:
+            maps, regions["scenario"] = _mined_for(mined_dir, "scenario", scenario)
         sources.append(("scenario", CocoDetectionSegDataset(curated, layout.pool_images, train_tf, categories=cats,
                                                             **({"hard_maps": maps} if maps is not None else {}))))
     dataset = ConcatDataset([ds for _, ds in sources])
     if use_plan:
         from dataengine.curation.rebalance import plan_weights
 
-        plan_doc = json.loads(Path(plan).read_text(encoding="utf-8"))
+        plan_doc = read_json(plan)
         weights = plan_weights(plan_doc, [(src, [im["id"] for im in ds.images]) for src, ds in sources])
     else:
         weights = [1.0] * len(dataset)
+    hard = [im["id"] in regions.get(src, ()) for src, ds in sources for im in ds.images]
+    repeat = mine.image_repeat if use_mined and mine is not None else 1.0
+    weights, hard_share, hard_share_after = oversample(weights, hard, repeat)
+    if repeat != 1.0:
+        print(f"distill: {sum(hard)} images with a hard-negative region, drawn {repeat:g}x as often "
+              f"(mine.image_repeat): {hard_share:.1%} -> {hard_share_after:.1%} of the draws", file=sys.stderr)
     segmentation = any(ds.has_masks for _, ds in sources)
     val_coco = load_coco(layout.general_val)
     t_model = None
@@ -354,7 +391,8 @@ def train_student(
         "images_seen": int(result.get("steps", 0)) * params.train.batch_size,
         "final_losses": {k: round(v, 5) for k, v in result.get("final_losses", {}).items()},
         "used": {"sources": [src for src, _ in sources], "images": len(dataset), "rebalance": use_plan,
-                 "hard_negatives": use_mined, "teacher": t_model is not None,
+                 "hard_negatives": use_mined, "hard_negative_images": sum(hard),
+                 "hard_negative_draw_share": round(hard_share_after, 4), "teacher": t_model is not None,
                  "distill_weights": dataclasses.asdict(params.loss) if t_model is not None else None},
     }
 

@@ -21,7 +21,8 @@ import yaml
 from PIL import Image
 
 from dataengine.config import DistillLossParams
-from dataengine.distill import FeatureAdapters, distill_terms
+from dataengine.distill import FeatureAdapters, distill_terms, oversample
+from dataengine.io import read_json
 from dataengine.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,11 +216,15 @@ def test_student_and_baseline_train_on_what_their_switches_say(tiny_engine: dict
     e = tiny_engine
     kwargs = dict(teacher=e["teacher"], data_root=e["data"], curated=e["curated"], plan=e["plan"], mined=e["mined"],
                   progress=False)
-    student = train_student("s", _distill_params(), MineParams(), out_dir=tmp_path / "s", log_dir=tmp_path / "ls",
-                            **kwargs)
+    student = train_student("s", _distill_params(), MineParams(image_repeat=4.0), out_dir=tmp_path / "s",
+                            log_dir=tmp_path / "ls", **kwargs)
+    plan = read_json(e["plan"])["images"]  # the one mined image (scenario, first) is drawn 4x its plan weight
+    first = read_json(e["curated"])["images"][0]["id"]
+    mined = 4 * sum(im["repeat_factor"] for im in plan if (im["source"], im["image_id"]) == ("scenario", first))
+    share = round(mined / (sum(im["repeat_factor"] for im in plan) + mined * 3 / 4), 4)
     assert student["used"] == {"sources": ["general", "scenario"], "images": 20, "rebalance": True,
-                               "hard_negatives": True, "teacher": True,
-                               "distill_weights": dataclasses.asdict(DistillLossParams())}
+                               "hard_negatives": True, "hard_negative_images": 1, "hard_negative_draw_share": share,
+                               "teacher": True, "distill_weights": dataclasses.asdict(DistillLossParams())}
     assert student["steps"] == 2 and {"kd_cls", "kd_box", "kd_feat", "kd_seg", "qfl", "seg"} <= set(
         student["final_losses"])
     assert all(math.isfinite(v) for v in student["final_losses"].values())
@@ -230,11 +235,22 @@ def test_student_and_baseline_train_on_what_their_switches_say(tiny_engine: dict
                              baseline=True, **kwargs)
     assert baseline["role"] == "baseline" and baseline["steps"] == 2
     assert baseline["used"] == {"sources": ["general"], "images": 12, "rebalance": False, "hard_negatives": False,
-                                "teacher": False, "distill_weights": None}
+                                "hard_negative_images": 0, "hard_negative_draw_share": 0.0, "teacher": False,
+                                "distill_weights": None}
     assert not any(k.startswith("kd_") for k in baseline["final_losses"])
     with pytest.raises(KeyError, match="'nobody' is not in params distill.students"):
         train_student("nobody", _distill_params(), MineParams(), out_dir=tmp_path / "x", log_dir=tmp_path / "lx",
                       **kwargs)
+
+
+def test_oversample_multiplies_the_hard_images_only_and_reports_their_share_of_draws() -> None:
+    weights, before, after = oversample([1.0, 2.0, 1.0, 4.0], [True, False, True, False], 3.0)
+    assert weights == [3.0, 2.0, 3.0, 4.0]
+    assert before == pytest.approx(2 / 8) and after == pytest.approx(6 / 12)
+    assert oversample([1.0, 2.0], [True, False], 1.0) == ([1.0, 2.0], pytest.approx(1 / 3), pytest.approx(1 / 3))
+    assert oversample([1.0, 2.0], [False, False], 5.0) == ([1.0, 2.0], 0.0, 0.0)
+    with pytest.raises(ValueError, match="3 weights but 2 hard flags"):
+        oversample([1.0, 1.0, 1.0], [True, False], 2.0)
 
 
 def test_the_teacher_is_silenced_inside_mined_regions(tiny_engine: dict[str, Any]) -> None:

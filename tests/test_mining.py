@@ -24,6 +24,7 @@ from dataengine.curation import (
     mine_image,
     mining_metrics,
     mining_summary_lines,
+    region_image_ids,
     select_regions,
     stored_foreground,
     write_mined,
@@ -447,6 +448,19 @@ def test_hard_maps_for_maps_file_names_to_ids_and_refuses_unknown_images(tmp_pat
     escape = {"version": 1, "images": [{"source": "general", "file_name": "a.png", "map": "../x.png"}]}
     with pytest.raises(ValueError, match="outside"):
         hard_maps_for(escape, "general", coco, tmp_path)
+
+
+def test_region_image_ids_lists_the_images_with_a_region_only() -> None:
+    doc = {"version": 1, "params": {}, "images": [
+        {"source": "scenario", "file_name": "a.png", "regions": [{"bbox": [0, 0, 4, 4]}], "map": "m/a.png"},
+        {"source": "scenario", "file_name": "b.png", "regions": [], "hard_pixels": 7, "map": "m/b.png"},
+        {"source": "general", "file_name": "b.png", "regions": [{"bbox": [1, 1, 3, 3]}], "map": None},
+    ]}
+    coco = {"images": [{"id": 3, "file_name": "b.png"}, {"id": 9, "file_name": "a.png"}]}
+    assert region_image_ids(doc, "scenario", coco) == {9}
+    assert region_image_ids(doc, "general", coco) == {3}
+    with pytest.raises(ValueError, match=r"lists scenario image 'b\.png', which is not in the COCO"):
+        region_image_ids(doc, "scenario", {"images": [{"id": 9, "file_name": "a.png"}]})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ __all__ = [
     "mined_document",
     "mining_metrics",
     "mining_summary_lines",
+    "region_image_ids",
     "scenario_evidence",
     "select_regions",
     "stored_foreground",
@@ -720,6 +721,22 @@ def mining_summary_lines(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _listed_entries(mined_doc: Mapping[str, Any], source: str,
+                    coco: Mapping[str, Any]) -> Iterator[tuple[int, Mapping[str, Any]]]:
+    """``(image id of coco, entry)`` for the ``hard_negatives.json`` entries of ``source`` (validated)."""
+    if not isinstance(mined_doc, Mapping) or mined_doc.get("version") != MINED_VERSION \
+            or not isinstance(mined_doc.get("images"), list):
+        raise ValueError(f"{MINED_FILE}: expected a version-{MINED_VERSION} document with an 'images' list")
+    ids = {img["file_name"]: int(img["id"]) for img in coco["images"]}
+    for entry in mined_doc["images"]:
+        if entry.get("source") != source:
+            continue
+        if entry["file_name"] not in ids:
+            raise ValueError(f"{MINED_FILE} lists {source} image {entry['file_name']!r}, which is not in the COCO "
+                             f"set it is applied to (a stale mine stage output?)")
+        yield ids[entry["file_name"]], entry
+
+
 def hard_maps_for(mined_doc: Mapping[str, Any], source: str, coco: Mapping[str, Any],
                   root: str | Path) -> dict[int, Path]:
     """Image id (of ``coco``) -> map path, for the ``hard_negatives.json`` entries of ``source`` that have a map.
@@ -739,16 +756,21 @@ def hard_maps_for(mined_doc: Mapping[str, Any], source: str, coco: Mapping[str, 
         ...               "data/mined")
         {7: PosixPath('data/mined/maps/general/a.png.png')}
     """
-    if not isinstance(mined_doc, Mapping) or mined_doc.get("version") != MINED_VERSION \
-            or not isinstance(mined_doc.get("images"), list):
-        raise ValueError(f"{MINED_FILE}: expected a version-{MINED_VERSION} document with an 'images' list")
-    ids = {img["file_name"]: int(img["id"]) for img in coco["images"]}
-    out: dict[int, Path] = {}
-    for entry in mined_doc["images"]:
-        if entry.get("source") != source or not entry.get("map"):
-            continue
-        if entry["file_name"] not in ids:
-            raise ValueError(f"{MINED_FILE} lists {source} image {entry['file_name']!r}, which is not in the COCO "
-                             f"set it is applied to (a stale mine stage output?)")
-        out[ids[entry["file_name"]]] = safe_join(root, entry["map"])
-    return out
+    return {image_id: safe_join(root, entry["map"])
+            for image_id, entry in _listed_entries(mined_doc, source, coco) if entry.get("map")}
+
+
+def region_image_ids(mined_doc: Mapping[str, Any], source: str, coco: Mapping[str, Any]) -> set[int]:
+    """Image ids (of ``coco``) of the ``source`` entries with at least one hard-negative region.
+
+    These are the image-level hard negatives that ``mine.image_repeat`` draws more often (an image with hard pixels
+    only is not one). Raises as :func:`hard_maps_for`.
+
+    Example:
+        >>> a = {"source": "general", "file_name": "a.png", "regions": [{"bbox": [0, 0, 4, 4]}]}
+        >>> b = {"source": "general", "file_name": "b.png", "regions": []}  # hard pixels only
+        >>> coco = {"images": [{"id": 7, "file_name": "a.png"}, {"id": 8, "file_name": "b.png"}]}
+        >>> region_image_ids({"version": 1, "images": [a, b]}, "general", coco)
+        {7}
+    """
+    return {image_id for image_id, entry in _listed_entries(mined_doc, source, coco) if entry.get("regions")}
