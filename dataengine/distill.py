@@ -243,11 +243,11 @@ def build_student(spec: StudentSpec, num_classes: int, input_size: int, *, segme
                         segmentation=segmentation)
 
 
-def _mined_for(mined: Path, source: str, coco: dict[str, Any]) -> tuple[dict[int, Path], set[int]]:
+def _mined_for(doc: Mapping[str, Any], mined: Path, source: str,
+               coco: dict[str, Any]) -> tuple[dict[int, Path], set[int]]:
     """The mine stage's maps of one source (image id -> map path) and the ids of its images with a region."""
     from dataengine.curation.mining import hard_maps_for, region_image_ids  # the mine stage's reader of its output
 
-    doc = read_json(mined / "hard_negatives.json")
     return hard_maps_for(doc, source, coco, mined), region_image_ids(doc, source, coco)
 
 
@@ -257,7 +257,8 @@ def oversample(weights: Sequence[float], hard: Sequence[bool], factor: float) ->
     This is the image-level half of seed 001's "negative samples (pos-neg ratio)": the loss already weights the
     negatives inside a mined region up (``mine.negative_weight``), but at the demo's budget most mined images are
     drawn once or twice, too few exposures for a student to learn what a confuser looks like. Drawing them more
-    often, within the same ``epoch_size``, gives it more. The other images keep their relative weights.
+    often, within the same ``epoch_size``, gives it more. The other images keep their relative weights. Off by
+    default (1): on the demo, 3 lowered the student's confidence without teaching it the difference (README).
 
     Returns:
         ``(weights, share_before, share_after)``: the new weights and the expected share of draws that are hard
@@ -314,12 +315,13 @@ def train_student(
     use_plan = params.rebalance and not baseline and plan is not None
     use_mined = params.hard_negatives and not baseline and mined is not None and mine is not None
     mined_dir = Path(mined) if use_mined else None
+    mined_doc = read_json(mined_dir / "hard_negatives.json") if mined_dir else None
 
     sources: list[tuple[str, CocoDetectionSegDataset]] = []
     regions: dict[str, set[int]] = {}  # source -> ids of its images with a mined hard-negative region
     maps = None
     if mined_dir:
-        maps, regions["general"] = _mined_for(mined_dir, "general", general)
+        maps, regions["general"] = _mined_for(mined_doc, mined_dir, "general", general)
     sources.append(("general", CocoDetectionSegDataset(general, layout.general_images, train_tf, categories=cats,
                                                        **({"hard_maps": maps} if maps is not None else {}))))
     if use_pseudo:
@@ -329,7 +331,7 @@ def train_student(
                              f"train's {list(cats.names)}")
         maps = None
         if mined_dir:
-            maps, regions["scenario"] = _mined_for(mined_dir, "scenario", scenario)
+            maps, regions["scenario"] = _mined_for(mined_doc, mined_dir, "scenario", scenario)
         sources.append(("scenario", CocoDetectionSegDataset(curated, layout.pool_images, train_tf, categories=cats,
                                                             **({"hard_maps": maps} if maps is not None else {}))))
     dataset = ConcatDataset([ds for _, ds in sources])
