@@ -220,8 +220,8 @@ def test_student_and_baseline_train_on_what_their_switches_say(tiny_engine: dict
                             log_dir=tmp_path / "ls", **kwargs)
     plan = read_json(e["plan"])["images"]  # the one mined image (scenario, first) is drawn 4x its plan weight
     first = read_json(e["curated"])["images"][0]["id"]
-    mined = 4 * sum(im["repeat_factor"] for im in plan if (im["source"], im["image_id"]) == ("scenario", first))
-    share = round(mined / (sum(im["repeat_factor"] for im in plan) + mined * 3 / 4), 4)
+    w = sum(im["repeat_factor"] for im in plan if (im["source"], im["image_id"]) == ("scenario", first))
+    share = round(4 * w / (sum(im["repeat_factor"] for im in plan) + 3 * w), 4)  # its weight w becomes 4w
     assert student["used"] == {"sources": ["general", "scenario"], "images": 20, "rebalance": True,
                                "hard_negatives": True, "hard_negative_images": 1, "hard_negative_draw_share": share,
                                "teacher": True, "distill_weights": dataclasses.asdict(DistillLossParams())}
