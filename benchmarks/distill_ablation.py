@@ -27,6 +27,9 @@ Needs the outputs of ``dvc repro`` up to the mine stage (data/curated, data/reba
 first N images of the review queue; the review, rebalance and mine stage scripts then re-run on those decisions
 into ``<work>/review<N>/`` and the variants train on that curated set, plan and mined negatives. Results go to
 ``distill_ablation_review<N>.json`` and under ``"simulated_review"`` in ``curation_ablation.json``.
+``--oracle-review 0`` re-runs the three stages with no decisions: the plain pipeline under ``--params``. Without
+``--oracle-review`` the variants train on ``data/``, made by ``dvc repro`` with ``params.yaml``, so a ``--params``
+with other ``rebalance`` or ``mine`` settings needs ``--oracle-review 0`` to take effect.
 
 ``--oracle-mining`` (with ``--oracle-review``) is a diagnostic of the mining's ceiling: every confuser of the pool
 (hidden labels) is added as a region to the mine stage's output (:func:`oracle_mined`, ``<work>/review<N>/
@@ -225,8 +228,9 @@ def main() -> int:
     parser.add_argument("--work", default="benchmarks/work/distill_ablation", help="checkpoints (gitignored)")
     parser.add_argument("--out", default="benchmarks/results/distill_ablation.json")
     parser.add_argument("--curation-out", default="benchmarks/results/curation_ablation.json")
-    parser.add_argument("--oracle-review", type=int, default=0, metavar="N",
-                        help="simulate a reviewer on the first N queued images first (see the module docstring)")
+    parser.add_argument("--oracle-review", type=int, default=None, metavar="N",
+                        help="simulate a reviewer on the first N queued images first, then re-run review, rebalance "
+                             "and mine with --params (0: no decisions; see the module docstring)")
     parser.add_argument("--oracle-mining", action="store_true",
                         help="with --oracle-review: add every pool confuser as a mined region (the mining's ceiling)")
     parser.add_argument("--epochs", type=int, default=0, metavar="E",
@@ -237,7 +241,9 @@ def main() -> int:
                         help="score the checkpoints a previous run left in --work instead of training again (to read "
                              "old runs with a new metric; train_seconds is then null); a missing one is trained")
     args = parser.parse_args()
-    if args.oracle_mining and not args.oracle_review:
+    if args.oracle_review is not None and args.oracle_review < 0:
+        parser.error(f"--oracle-review must be >= 0 queued images, got {args.oracle_review}")
+    if args.oracle_mining and args.oracle_review is None:
         parser.error("--oracle-mining needs --oracle-review N")
     if args.epochs < 0:
         parser.error(f"--epochs must be >= 1 (or left out for distill.train.epochs), got {args.epochs}")
@@ -250,7 +256,7 @@ def main() -> int:
     data, work = Path(args.data), Path(args.work)
     inputs: dict[str, Any] = {"curated": Path("data/curated/scenario.json"), "plan": Path("data/rebalance/plan.json"),
                               "mined": Path("data/mined")}
-    if args.oracle_review:
+    if args.oracle_review is not None:
         inputs = simulated_review_inputs(args.oracle_review, args.params, data, work / f"review{args.oracle_review}")
         work = work / f"review{args.oracle_review}"
         args.out = args.out.replace(".json", f"_review{args.oracle_review}.json")
@@ -290,7 +296,7 @@ def main() -> int:
             "seeds": args.seeds, "budget_images": params.distill.train.epochs * params.distill.epoch_size,
             "test_set": str(data / "scenario/test.json"), "params": str(args.params),
             "mine": dataclasses.asdict(params.mine)}
-    if args.oracle_review:
+    if args.oracle_review is not None:
         meta["simulated_review"] = {"images": args.oracle_review, "decisions": inputs["review_stats"],
                                     "mined": {k: inputs["mine"]["total"][k] for k in
                                               ("hard_negative_images", "by_reason", "regions", "regions_by_class",
