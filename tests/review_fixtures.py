@@ -8,12 +8,14 @@ nested folder and one ``.jpg``; eight teacher boxes; every band populated::
     c.png      #0 review circle     (no accepted box: a candidate hard negative)   #1 rejected square (score 0.1)
 
 Segmentation: every image has label / confidence / uncertainty PNGs and a filtered semantic mask. General ground
-truth: one image with one circle.
+truth: one image with one circle. ``audit`` (accepted label ids, in rank order) also writes the filter's
+``audit.json``; without it there is none, as in filter outputs older than the audit.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +50,19 @@ def _png(path: Path, array: np.ndarray) -> None:
     Image.fromarray(array).save(path)
 
 
-def make_review_tree(root: str | Path) -> dict[str, Path]:
-    """Write the tree under ``root``; returns ``{"filtered", "pseudo", "prepared", "decisions"}`` paths."""
+def make_review_tree(root: str | Path, audit: Sequence[str] | None = None) -> dict[str, Path]:
+    """Write the tree under ``root``; returns ``{"filtered", "pseudo", "prepared", "decisions"}`` paths.
+
+    Args:
+        root: Where to write.
+        audit: Label ids for ``filtered/audit.json``, ``audit_rank`` 0, 1, ... in this order; ``None``: no file.
+    """
     root = Path(root)
     prepared, pseudo, filtered = root / "prepared", root / "pseudo", root / "filtered"
     pool = prepared / "scenario" / "pool"
     rng = np.random.default_rng(0)
     images, boxes, accepted_images, annotations, review, rejected = [], [], [], [], [], []
+    records = {}
     for image_id, (name, items) in enumerate(BOXES.items(), start=1):
         pixels = (rng.random((H, W, 3)) * 255).astype(np.uint8)
         path = pool / name
@@ -80,6 +88,7 @@ def make_review_tree(root: str | Path) -> dict[str, Path]:
             record = {"id": f"{name}#{i}", "file_name": name, "width": W, "height": H, "bbox": bbox, "label": cls,
                       "category_id": cls + 1, "class_name": CLASSES[cls], "score": score,
                       "probability": probability, "consistency": consistency, "threshold": 0.8}
+            records[record["id"]] = record
             if band == "accepted":
                 x1, y1, x2, y2 = bbox
                 annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": cls + 1,
@@ -100,6 +109,8 @@ def make_review_tree(root: str | Path) -> dict[str, Path]:
                                        "semantic_root": "semantic"})
     _json(filtered / "review_queue.json", review)
     _json(filtered / "rejected.json", rejected)
+    if audit is not None:
+        _json(filtered / "audit.json", [{**records[lid], "audit_rank": rank} for rank, lid in enumerate(audit)])
     general = prepared / "general"
     _png(general / "images" / "g1.png", (rng.random((H, W, 3)) * 255).astype(np.uint8))
     gt = {"images": [{"id": 1, "file_name": "g1.png", "width": W, "height": H}],

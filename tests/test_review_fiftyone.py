@@ -324,6 +324,94 @@ def test_pull_without_dataset_is_one_line_error(tree, tmp_path, capsys):
     assert tree["decisions"].read_text() == "sentinel"
 
 
+AUDIT = ["sub/b.jpg#0", "a.png#0"]  # rank 0, 1: not the images' order in the pool, nor the review queue's
+
+
+def _audit_entries(dataset):
+    """``{file_name: (audit_rank, [pseudo ids shown in accepted])}`` of the saved audit view, in its order."""
+    view = dataset.load_saved_view(fa.AUDIT_VIEW)
+    return list(zip(view.values("file_name"),
+                    zip(view.values("audit_rank"), view.values("accepted.detections.pseudo_id"))))
+
+
+def test_audit_view_marks_labels_in_rank_order_and_pulls_reviewer_tags(tmp_path, dataset_name):
+    tree = make_review_tree(tmp_path, audit=AUDIT)
+    dataset, _ = _build(tree, dataset_name)
+    assert fa.AUDIT_VIEW in dataset.list_saved_views()
+    assert _audit_entries(dataset) == [("sub/b.jpg", (0, ["sub/b.jpg#0"])), ("a.png", (1, ["a.png#0"]))]
+    a, b, c = (_sample(dataset, n) for n in ("a.png", "sub/b.jpg", "c.png"))
+    assert (_det(a, "accepted", "a.png#0")["audit"], _det(a, "accepted", "a.png#0")["audit_rank"]) == (True, 1)
+    assert (_det(b, "accepted", "sub/b.jpg#0")["audit"], _det(b, "accepted", "sub/b.jpg#0")["audit_rank"]) == (True, 0)
+    assert not _det(a, "review", "a.png#1").has_field("audit") and c.audit_rank is None
+
+    # The reviewer works in the audit view: rejects b's audited label (the App's label tagging), accepts a's, and
+    # draws a box in a's accepted field (not audited: the view does not show it).
+    view = dataset.load_saved_view(fa.AUDIT_VIEW)
+    view.match(fo.ViewField("file_name") == "sub/b.jpg").tag_labels("reject", label_fields="accepted")
+    sample = view.match(fo.ViewField("file_name") == "a.png").first()
+    sample.accepted.detections[0].tags = ["accept"]
+    sample.save()
+    a = _sample(dataset, "a.png")
+    a.accepted.detections.append(fo.Detection(label="circle", bounding_box=[0.5, 0.5, 0.2, 0.2]))
+    a.save()
+
+    dataset, summary = _build(tree, dataset_name)  # re-run: no duplicates, the tags kept, the view the same
+    assert summary["samples"] == len(dataset) == 4 and summary["kept_reviewer_edits"] == 2
+    assert dataset.count("accepted.detections") == 3
+    assert _audit_entries(dataset) == [("sub/b.jpg", (0, ["sub/b.jpg#0"])), ("a.png", (1, ["a.png#0"]))]
+    b = _sample(dataset, "sub/b.jpg")
+    assert _det(b, "accepted", "sub/b.jpg#0").tags == ["reject"] and _det(b, "accepted", "sub/b.jpg#0")["audit"]
+    pulled = fa.pull_decisions(dataset)
+    original = {"a.png#0": [4.0, 6.0, 20.0, 22.0], "sub/b.jpg#0": [10.0, 10.0, 30.0, 30.0]}
+    assert pulled["labels"] == {
+        "a.png#0": {"file_name": "a.png", "decision": "accept", "source": "fiftyone", "user": None, "time": None,
+                    "original": {"bbox": original["a.png#0"], "class_name": "circle"}},
+        "sub/b.jpg#0": {"file_name": "sub/b.jpg", "decision": "reject", "source": "fiftyone", "user": None,
+                        "time": None, "original": {"bbox": original["sub/b.jpg#0"], "class_name": "square"}},
+    }
+    assert pulled["images"]["a.png"]["added"] == [{"bbox": [32.0, 24.0, 44.8, 33.6], "class_name": "circle"}]
+
+    # A new filter run audits only a.png#0: b's tagged label leaves the audit (its tag stays), the view follows.
+    (tree["filtered"] / "audit.json").write_text(json.dumps(
+        [{**json.loads((tree["filtered"] / "audit.json").read_text())[1], "audit_rank": 0}]))
+    dataset, _ = _build(tree, dataset_name)
+    assert _audit_entries(dataset) == [("a.png", (0, ["a.png#0"]))]
+    det = _det(_sample(dataset, "sub/b.jpg"), "accepted", "sub/b.jpg#0")
+    assert det.tags == ["reject"] and det["audit"] is None and det["audit_rank"] is None
+    assert _sample(dataset, "sub/b.jpg").audit_rank is None
+
+    # An older filter output without audit.json: no view, no rank left, the decisions still there.
+    (tree["filtered"] / "audit.json").unlink()
+    dataset, _ = _build(tree, dataset_name)
+    assert sorted(dataset.list_saved_views()) == ["hard_negatives", "rejected_confident", "review_queue"]
+    assert dataset.exists("audit_rank").count() == 0
+    assert set(fa.pull_decisions(dataset)["labels"]) == {"a.png#0", "sub/b.jpg#0"}
+
+
+def test_no_audit_file_no_audit_view_no_field(tree, dataset_name):
+    dataset, _ = _build(tree, dataset_name)
+    assert not (tree["filtered"] / "audit.json").exists()
+    assert fa.AUDIT_VIEW not in dataset.list_saved_views() and not dataset.has_sample_field("audit_rank")
+    assert all(not d.has_field("audit") for d in dataset.values("accepted.detections", unwind=True))
+
+
+def test_empty_review_queue_builds_with_an_empty_queue_view(tree, dataset_name):
+    """No review label anywhere: every max_risk is None, which FiftyOne cannot type as a new field (it used to fail)."""
+    (tree["filtered"] / "review_queue.json").write_text("[]")
+    dataset, summary = _build(tree, dataset_name)
+    assert summary["labels"]["review"] == 0 and not dataset.has_sample_field("max_risk")
+    assert len(dataset.load_saved_view("review_queue")) == 0
+
+
+def test_open_cli_lists_the_audit_view(tmp_path, dataset_name, capsys):
+    tree = make_review_tree(tmp_path / "tree", audit=AUDIT[:1])
+    params = tmp_path / "params.yaml"
+    params.write_text(f"review:\n  dataset_name: {dataset_name}\n")
+    assert fa.open_cli(["--params", str(params), "--filtered", str(tree["filtered"]), "--pseudo", str(tree["pseudo"]),
+                        "--data", str(tree["prepared"]), "--no-launch"]) == 0
+    assert "audit (1 samples)" in capsys.readouterr().out
+
+
 def test_open_cli_no_launch_prints_counts_and_views(tree, dataset_name, tmp_path, capsys):
     params = tmp_path / "params.yaml"
     params.write_text(f"review:\n  dataset_name: {dataset_name}\n")

@@ -25,6 +25,7 @@ from dataengine.review.decisions import load_decisions
 from dataengine.review.inputs import load_review_inputs
 from dataengine.review.labelstudio import (
     LabelStudioError,
+    audit_images,
     box_region,
     decisions_from_annotation,
     label_config,
@@ -153,6 +154,27 @@ def test_queue_images_by_risk_and_max_tasks(tmp_path):
     inputs, _ = _inputs(tmp_path)
     assert queue_images(inputs.review) == ["a.png", "sub/b.jpg", "c.png"]
     assert queue_images(inputs.review, max_tasks=2) == ["a.png", "sub/b.jpg"]
+
+
+def test_audit_images_in_audit_order_without_the_queue_ones():
+    audit = [{"file_name": n, "audit_rank": i} for i, n in enumerate(["c.png", "a.png", "c.png", "sub/b.jpg"])]
+    assert audit_images(audit) == ["c.png", "a.png", "sub/b.jpg"]  # an image's place: its first audited label
+    assert audit_images(audit, pushed=["a.png", "x.png"]) == ["c.png", "sub/b.jpg"]
+    assert audit_images([], pushed=["a.png"]) == []
+
+
+def test_load_review_inputs_reads_the_audit_by_rank_and_checks_its_ids(tmp_path):
+    inputs, paths = _inputs(tmp_path)
+    assert inputs.audit == []  # no audit.json (an older filter output): an empty audit
+    audit_file = paths["filtered"] / "audit.json"
+    paths = make_review_tree(tmp_path, audit=["sub/b.jpg#0", "a.png#0"])
+    records = json.loads(audit_file.read_text())
+    audit_file.write_text(json.dumps(records[::-1]))  # listed out of rank order: read by rank
+    inputs = load_review_inputs(paths["filtered"], paths["pseudo"], paths["prepared"])
+    assert [(r["id"], r["audit_rank"]) for r in inputs.audit] == [("sub/b.jpg#0", 0), ("a.png#0", 1)]
+    audit_file.write_text(json.dumps([{**records[0], "id": "a.png#1", "audit_rank": 0}]))  # a review-band label
+    with pytest.raises(ValueError, match=r"audit\.json: audit label 'a\.png#1' is not an accepted label"):
+        load_review_inputs(paths["filtered"], paths["pseudo"], paths["prepared"])
 
 
 def _annotation(result, **kw):
@@ -503,3 +525,44 @@ def test_push_max_tasks_then_all_and_config_change(ls_env, capsys):
     assert lsmod.pull_cli(args) == 0
     assert "pulled 0 annotated of 3 tasks" in capsys.readouterr().out
     assert load_decisions(paths["decisions"]) == {"version": 1, "labels": {}, "images": {}}
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_push_sends_audit_images_after_the_capped_queue_and_pull_reads_them(ls_env, capsys):
+    server = ls_env
+    root = server.document_root / "audit"
+    paths = make_review_tree(root, audit=["sub/b.jpg#0", "a.png#0"])
+    title = "dataengine review audit"
+    params = root / "params.yaml"
+    params.write_text("review:\n  labelstudio:\n"
+                      f"    project_title: {json.dumps(title)}\n    masks: false\n    max_tasks: 1\n")
+    args = _cli_args(paths, params)
+    assert lsmod.push_cli(args) == 0
+    out = capsys.readouterr()
+    assert "2 new, 0 updated, 0 unchanged tasks (1 of them audit images)" in out.out, out
+    ls = _sdk(server)
+    _, tasks = _project_tasks(ls, title)
+    # max_tasks = 1 cuts the queue (a.png, sub/b.jpg, c.png) to a.png only; the audit then adds sub/b.jpg (a.png#0's
+    # image is pushed already), imported after the queue's image. c.png is in neither.
+    ordered = sorted(tasks, key=lambda t: t["id"])
+    assert [t["data"]["file_name"] for t in ordered] == ["a.png", "sub/b.jpg"]
+    a_regions = ordered[0]["predictions"][0]["result"]
+    b_regions = {r["id"]: r for r in ordered[1]["predictions"][0]["result"]}
+    assert sorted(b_regions) == ["p0", "p1", "p2"]  # the audited accepted label and the image's review labels
+
+    # The reviewer deletes sub/b.jpg's audited label (a reject) and keeps every label of a.png.
+    ann = ls.annotations.create(id=ordered[1]["id"], result=[b_regions["p1"], b_regions["p2"]])
+    ls.annotations.create(id=ordered[0]["id"], result=a_regions)
+    assert lsmod.pull_cli(args) == 0
+    assert "pulled 2 annotated of 2 tasks" in capsys.readouterr().out
+    labels = load_decisions(paths["decisions"])["labels"]
+    assert labels["sub/b.jpg#0"] == {
+        "file_name": "sub/b.jpg", "decision": "reject", "source": "labelstudio", "user": server.email,
+        "time": lsmod._iso_z(ann.updated_at), "original": {"bbox": [10.0, 10.0, 30.0, 30.0], "class_name": "square"}}
+    assert {k: v["decision"] for k, v in labels.items()} == {
+        "a.png#0": "accept", "a.png#1": "accept", "sub/b.jpg#0": "reject", "sub/b.jpg#1": "accept",
+        "sub/b.jpg#2": "accept"}
+
+    assert lsmod.push_cli(args) == 0  # a re-push adds nothing
+    assert "0 new, 0 updated, 2 unchanged tasks (1 of them audit images)" in capsys.readouterr().out

@@ -12,17 +12,22 @@ The dataset (one sample per image, keyed by its absolute ``filepath``, so a re-r
   ``accepted`` / ``review`` / ``rejected`` (the filter's bands) and ``teacher`` (the teacher's fused output) as
   ``fo.Detections``; ``segmentation`` (the filtered semantic mask: category ids, 255 = ignored pixel) and
   ``teacher_segmentation`` (the teacher's label PNG, values label + 1) as ``fo.Segmentation``, ``uncertainty`` as
-  ``fo.Heatmap`` (0-255), and ``max_risk`` (the highest risk of its review labels) for sorting;
+  ``fo.Heatmap`` (0-255), ``max_risk`` (the highest risk of its review labels) and ``audit_rank`` (the smallest
+  audit rank of its accepted labels, ``None`` outside the audit) for sorting;
 - general ground-truth images, tag ``general``, fields ``ground_truth`` (``fo.Detections``) and ``split``.
 
 Every pseudo-label detection carries ``pseudo_id`` (the filter's id ``<file_name>#<i>``), ``confidence`` (the
 teacher's score), ``probability``, ``consistency``, ``risk`` (review band), ``reason`` (rejected band) and what the
 teacher gave, ``pseudo_bbox`` (xyxy pixels) and ``pseudo_label``, so a pull can tell an edited box from the
-original. Saved views: ``review_queue`` (images with review-band labels, highest risk first),
-``rejected_confident`` (rejected labels with confidence >= ``review.confident_reject_score``) and
+original; accepted detections in the filter's audit (``audit.json``: a seeded random sample of accepted labels per
+class) also carry ``audit=True`` and ``audit_rank``. Saved views: ``review_queue`` (images with review-band labels,
+highest risk first), ``rejected_confident`` (rejected labels with confidence >= ``review.confident_reject_score``),
 ``hard_negatives`` (images without an accepted label whose teacher still has a box with confidence >=
-``review.hard_negative_score``). The App shows ``accepted``, ``review`` and ``ground_truth`` by default (the other
-fields are one click away in the sidebar; a choice saved in the App is kept on re-runs).
+``review.hard_negative_score``) and, when the audit is not empty, ``audit`` (images with an audited label, lowest
+``audit_rank`` first, ``accepted`` showing only the audited labels: a reviewer tags each ``accept`` or ``reject``,
+and the filter re-calibrates its thresholds from these decisions). The App shows ``accepted``, ``review`` and
+``ground_truth`` by default (the other fields are one click away in the sidebar; a choice saved in the App is kept
+on re-runs).
 
 **Mined hard negatives.** When the ``mine`` stage's ``hard_negatives.json`` exists (``--mined``, default
 ``data/mined`` beside ``--filtered``), its images (scenario and general) get ``hard_negative_regions``
@@ -101,6 +106,7 @@ __all__ = [
     "LABEL_TAGS",
     "SAMPLE_TAGS",
     "VIEW_NAMES",
+    "AUDIT_VIEW",
     "TEACHER_MAX_PER_IMAGE",
     "TEACHER_MIN_SCORE",
     "record_to_detection",
@@ -123,12 +129,14 @@ BAND_FIELDS = ("accepted", "review", "rejected")  # the filter's bands: where re
 LABEL_TAGS = ("accept", "reject")
 SAMPLE_TAGS = ("negative", "relabel")
 VIEW_NAMES = ("review_queue", "rejected_confident", "hard_negatives")
+AUDIT_VIEW = "audit"  # saved only when the filter's audit.json lists labels
 MINED_VIEW = "mined_hard_negatives"  # saved only when the mine stage's output exists
 MINED_FIELDS = ("hard_negative_regions", "hard_negative_reasons", "hard_negative_map")
 TEACHER_MAX_PER_IMAGE = 50  # per image, in the teacher and rejected fields (the filter's own max_per_image scale)
 TEACHER_MIN_SCORE = 0.05  # below this the teacher's boxes are noise to a reviewer (demo: 61% of all boxes)
 SOURCE = "fiftyone"
-_PIPELINE_ATTRS = ("probability", "consistency", "risk", "reason")  # refreshed on re-runs, never a reviewer's
+# Refreshed on re-runs, never a reviewer's; audit / audit_rank only on the accepted labels of the filter's audit.
+_PIPELINE_ATTRS = ("probability", "consistency", "risk", "reason", "audit", "audit_rank")
 _EDIT_TOLERANCE = 0.02  # pixels; decisions round boxes to 0.01 px
 
 CONVENTIONS = """\
@@ -157,8 +165,9 @@ def record_to_detection(record: Mapping[str, Any]) -> fo.Detection:
     """One filter/teacher record (xyxy pixels) as an ``fo.Detection`` (relative ``[x, y, w, h]``).
 
     Keeps the pipeline's numbers as attributes (``pseudo_id``, ``confidence`` = score, ``probability``,
-    ``consistency``, ``risk``, ``reason`` where present) and what the teacher gave (``pseudo_bbox``, xyxy pixels,
-    and ``pseudo_label``), so an edit can be told later (:func:`is_edited`). ``record`` is not modified.
+    ``consistency``, ``risk``, ``reason``, ``audit``, ``audit_rank`` where present) and what the teacher gave
+    (``pseudo_bbox``, xyxy pixels, and ``pseudo_label``), so an edit can be told later (:func:`is_edited`).
+    ``record`` is not modified.
 
     Example:
         >>> d = record_to_detection({"id": "a.png#0", "width": 100, "height": 50, "bbox": [10, 5, 30, 25],
@@ -357,6 +366,11 @@ def build_dataset(
     pool_root = Path(inputs.pool_root).resolve()
     sizes = {img["file_name"]: (img["width"], img["height"]) for img in inputs.images}
     bands = {band: inputs.by_image(band) for band in (*BAND_FIELDS, "raw")}
+    audit_rank = {r["id"]: r["audit_rank"] for r in inputs.audit}
+    bands["accepted"] = {  # audited accepted labels marked (on copies: the caller's records stay as they are)
+        file_name: [{**r, "audit": True, "audit_rank": audit_rank[r["id"]]} if r["id"] in audit_rank else r
+                    for r in band_records]
+        for file_name, band_records in bands["accepted"].items()}
 
     # Samples: one per image, keyed by absolute filepath.
     wanted: dict[str, dict[str, Any]] = {}
@@ -424,6 +438,8 @@ def build_dataset(
         values["teacher"][sid] = _detections(record_to_detection(r) for r in teacher)
         risks = [r["risk"] for r in records["review"] if r.get("risk") is not None]
         values["max_risk"][sid] = max(risks) if risks else None
+        ranks = [r["audit_rank"] for r in records["accepted"] if r.get("audit")]
+        values["audit_rank"][sid] = min(ranks) if ranks else None
         values["segmentation"][sid] = (
             fo.Segmentation(mask_path=str((Path(inputs.semantic_root) / img["semantic_file"]).resolve()))
             if inputs.semantic_root is not None and img.get("semantic_file") else None)
@@ -449,8 +465,10 @@ def build_dataset(
         values["ground_truth"][sid] = _detections(dets)
         values["split"][sid] = img["split"]
     for field_name, by_id in values.items():
-        if by_id:
+        if any(value is not None for value in by_id.values()):
             dataset.set_values(field_name, by_id, key_field="id", validate=False, progress=False)  # built here
+        elif by_id and dataset.has_sample_field(field_name):  # e.g. no audit (older filter output), no review label
+            dataset.clear_sample_field(field_name)  # all None: set_values cannot type a new field from that
     dataset.add_dynamic_sample_fields()  # declare pseudo_id, risk, ... so the App can filter on them
 
     class_targets = dict(zip(inputs.category_ids, inputs.class_names))
@@ -502,7 +520,8 @@ def _reviewer_candidates(view: Any) -> Any:
 
 
 def save_review_views(dataset: fo.Dataset, *, confident_reject_score: float, hard_negative_score: float) -> list[str]:
-    """Save (overwrite) the reviewer's views: ``review_queue``, ``rejected_confident``, ``hard_negatives``.
+    """Save (overwrite) the reviewer's views: ``review_queue``, ``rejected_confident``, ``hard_negatives``, and
+    :data:`AUDIT_VIEW` when a sample has an ``audit_rank`` (a stale one is deleted otherwise).
 
     Returns:
         The saved view names.
@@ -521,6 +540,15 @@ def save_review_views(dataset: fo.Dataset, *, confident_reject_score: float, har
     }
     for name, view in views.items():
         dataset.save_view(name, view, description=descriptions[name], overwrite=True)
+    if dataset.has_sample_field("audit_rank") and len(scenario.exists("audit_rank")):
+        # `accepted` shows only the audited labels (`== True` builds a database expression, hence the noqa).
+        audited = scenario.filter_labels("accepted", F("audit") == True).sort_by("audit_rank")  # noqa: E712
+        dataset.save_view(AUDIT_VIEW, audited, overwrite=True,
+                          description="a random sample of accepted labels per class: tag each one accept or reject; "
+                                      "the filter re-calibrates its thresholds from these decisions")
+        return [*views, AUDIT_VIEW]
+    if AUDIT_VIEW in dataset.list_saved_views():
+        dataset.delete_saved_view(AUDIT_VIEW)
     return list(views)
 
 

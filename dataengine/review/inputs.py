@@ -5,11 +5,14 @@ Every review adapter (FiftyOne, Label Studio) and the ``review`` stage read the 
 (:mod:`dataengine.pseudo.filter`): ``{"id": "<file_name>#<i>", "file_name", "width", "height", "bbox": [x1, y1, x2,
 y2] (original pixels), "category_id", "class_name", "score", "probability", "consistency", ...}``; review records also
 carry ``risk`` and ``threshold``, rejected ones ``reason``. Accepted COCO annotations are turned into records here
-(``pseudo_id`` becomes ``id``, ``xywh`` becomes ``xyxy``).
+(``pseudo_id`` becomes ``id``, ``xywh`` becomes ``xyxy``). The *audit* is the filter's seeded random sample of
+accepted labels per class, for a person to check (the filter re-calibrates from those decisions): records of the
+review form plus ``audit_rank`` (0-based, the order to review them in), each id an accepted label's id.
 
 Paths (all from the command line, defaults as laid out by ``dvc.yaml``)::
 
-    data/filtered/accepted.json, review_queue.json, rejected.json, semantic/   (stage filter)
+    data/filtered/accepted.json, review_queue.json, rejected.json, semantic/  (stage filter)
+    data/filtered/audit.json (optional: absent in older outputs = no audit)   (stage filter)
     data/pseudo/pool/predictions.json, seg/                                   (stage pseudo_label)
     data/prepared/scenario/pool/, data/prepared/general/{train,val}.json      (stage prepare)
 
@@ -51,6 +54,7 @@ class ReviewInputs:
     model_version: str = "teacher"  # "teacher-<first 12 hex of the pseudo-labels' fingerprint>"
     general: dict[str, Path] = field(default_factory=dict)  # split -> COCO file (file_name relative to general_root)
     general_root: Path | None = None
+    audit: list[dict[str, Any]] = field(default_factory=list)  # accepted labels to check, by audit_rank
 
     def records_by_id(self) -> dict[str, dict[str, Any]]:
         """Every filtered label (accepted, review, rejected) by id, each with its ``band``."""
@@ -90,11 +94,29 @@ def accepted_records(accepted_coco: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def _audit_records(path: Path, accepted_ids: set[str]) -> list[dict[str, Any]]:
+    """The audit file's records in ``audit_rank`` order, each checked to be an accepted label.
+
+    Raises:
+        ValueError: A record's id is not an accepted label id (the file names it).
+    """
+    audit = read_json(path)
+    for record in audit:
+        if record["id"] not in accepted_ids:
+            raise ValueError(f"{path}: audit label {record['id']!r} is not an accepted label (accepted.json has no "
+                             "annotation with that pseudo_id): the filter outputs are out of step, re-run "
+                             "`dvc repro filter`")
+    return sorted(audit, key=lambda r: r["audit_rank"])
+
+
 def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str | Path) -> ReviewInputs:
     """Read the filter, pseudo_label and prepare outputs into :class:`ReviewInputs`.
 
+    ``<filtered>/audit.json`` is optional: without it (older filter outputs) the audit is empty.
+
     Raises:
         FileNotFoundError: A required output is missing; the message names it and the stage that writes it.
+        ValueError: An audit label is not an accepted label.
     """
     filtered, pseudo, layout = Path(filtered), Path(pseudo), PreparedLayout(prepared)
     needed = {
@@ -119,6 +141,9 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
         raw.append({**box, "id": f"{name}#{counters[name]}", "width": sizes[name][0], "height": sizes[name][1],
                     "class_name": name_of[box["category_id"]]})
         counters[name] += 1
+    accepted = accepted_records(accepted_coco)
+    audit_path = filtered / "audit.json"
+    audit = _audit_records(audit_path, {r["id"] for r in accepted}) if audit_path.exists() else []
     semantic_root = filtered / accepted_coco["semantic_root"] if accepted_coco.get("semantic_root") else None
     semantic_files = {img["file_name"]: img.get("semantic_file") for img in accepted_coco["images"]}
     images = [{**img, "semantic_file": semantic_files.get(img["file_name"])} for img in predictions["images"]]
@@ -129,7 +154,7 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
         category_ids=category_ids,
         pool_root=layout.pool_images,
         images=images,
-        accepted=accepted_records(accepted_coco),
+        accepted=accepted,
         review=read_json(filtered / "review_queue.json"),
         rejected=read_json(filtered / "rejected.json"),
         raw=raw,
@@ -138,4 +163,5 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
         model_version=f"teacher-{str(predictions.get('fingerprint', ''))[:12]}",
         general=general,
         general_root=layout.general_images if general else None,
+        audit=audit,
     )

@@ -1,4 +1,4 @@
-"""Label Studio round trip: push the review queue as a project, pull the annotations into the decisions file.
+"""Label Studio round trip: push the review queue and the audit as a project, pull the annotations into decisions.
 
 Two layers, kept apart as FiftyOne keeps ``LabelStudioAnnotationAPI`` apart from its converters:
 
@@ -9,6 +9,11 @@ Two layers, kept apart as FiftyOne keeps ``LabelStudioAnnotationAPI`` apart from
 2. **A thin client** (:func:`push`, :func:`pull`) over the SDK 2.x ``LabelStudio`` client. The server's address and
    API key come from ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` only, never from params (a key in a params file
    ends up in git and DVC's lock file); the key never appears in output, files or error messages.
+
+The tasks are the review queue's images, highest risk first (``max_tasks`` > 0 keeps the first ``max_tasks``), then
+the images of the filter's audit (a seeded random sample of accepted labels per class, :attr:`ReviewInputs.audit`)
+that are not already among them, in audit order and never cut by ``max_tasks``: the audit measures the accepted
+band's precision only if every audited label is seen, and the filter re-calibrates from these decisions.
 
 A pushed task is one pool image: ``data = {"image": <url>, "file_name": ...}`` and one prediction (``model_version``
 of the pseudo-labels) holding every accepted and review-band box of the image as a ``rectanglelabels`` region with
@@ -39,7 +44,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -71,6 +76,7 @@ __all__ = [
     "mask_regions",
     "task_for_image",
     "queue_images",
+    "audit_images",
     "decisions_from_annotation",
     "latest_annotation",
     "connect",
@@ -266,6 +272,22 @@ def queue_images(review: Sequence[Mapping[str, Any]], max_tasks: int = 0) -> lis
         risk[record["file_name"]] = max(risk.get(record["file_name"], -math.inf), value)
     names = sorted(risk, key=lambda n: (-risk[n], n))
     return names[:max_tasks] if max_tasks > 0 else names
+
+
+def audit_images(audit: Sequence[Mapping[str, Any]], pushed: Collection[str] = ()) -> list[str]:
+    """Images of the audit in audit order (an image's place: its first audited label), leaving out ``pushed``.
+
+    Args:
+        audit: The audit records, by ``audit_rank`` (:attr:`ReviewInputs.audit`).
+        pushed: Images already sent (the review queue's): their tasks hold the audited labels too.
+
+    Example:
+        >>> audit_images([{"file_name": "b", "audit_rank": 0}, {"file_name": "a", "audit_rank": 1},
+        ...               {"file_name": "b", "audit_rank": 2}, {"file_name": "c", "audit_rank": 3}], pushed=["c"])
+        ['b', 'a']
+    """
+    skip = set(pushed)
+    return [n for n in dict.fromkeys(r["file_name"] for r in audit) if n not in skip]
 
 
 def _iso_z(value: Any) -> str | None:
@@ -535,13 +557,17 @@ def _same_prediction(existing: Sequence[Mapping[str, Any]], wanted: Mapping[str,
 
 def push(inputs: Any, params: Any, *, image_url_base: str | None = None, conn: _Conn | None = None
          ) -> dict[str, Any]:
-    """Send the review queue to the Label Studio project ``params.project_title`` (created if absent).
+    """Send the review queue and the audit to the Label Studio project ``params.project_title`` (created if absent).
+
+    The tasks are the queue's images (:func:`queue_images`, cut to ``params.max_tasks``), then the audit's images not
+    among them (:func:`audit_images`, never cut: see the module docstring), imported in that order.
 
     Idempotent: tasks are keyed by ``data.file_name``; new images are imported in one batched call, an existing task
     gets its data updated and its predictions replaced only when they changed (the project is dataengine's: every
-    prediction of a changed task is replaced), so a re-push never duplicates a task. Tasks of images that left the
-    queue are kept (they may hold annotations) and counted as ``stale``. The project's ``model_version`` is set to
-    the pushed one: Label Studio pre-fills the annotation editor only with that version's predictions.
+    prediction of a changed task is replaced), so a re-push never duplicates a task. Tasks of images no longer pushed
+    (they left the queue and the audit) are kept (they may hold annotations) and counted as ``stale``. The project's
+    ``model_version`` is set to the pushed one: Label Studio pre-fills the annotation editor only with that version's
+    predictions.
 
     Args:
         inputs: :class:`~dataengine.review.inputs.ReviewInputs`.
@@ -550,19 +576,22 @@ def push(inputs: Any, params: Any, *, image_url_base: str | None = None, conn: _
         conn: A client from :func:`connect` (default: a new one).
 
     Returns:
-        Counts: ``{"project_id", "created_project", "config_updated", "new", "updated", "unchanged", "stale"}``.
+        Counts: ``{"project_id", "created_project", "config_updated", "new", "updated", "unchanged", "stale",
+        "audit"}`` (``audit``: the audit's images pushed after the queue's).
     """
     conn = conn or connect()
-    names = queue_images(inputs.review, params.max_tasks)
+    queue = queue_images(inputs.review, params.max_tasks)
+    audit_names = audit_images(inputs.audit, pushed=queue)
+    names = queue + audit_names
     urls, storage_path = _image_urls(inputs, names, image_url_base)
     config = label_config(inputs.class_names, params.masks)
     stats: dict[str, Any] = {"created_project": False, "config_updated": False, "new": 0, "updated": 0,
-                             "unchanged": 0, "stale": 0}
+                             "unchanged": 0, "stale": 0, "audit": len(audit_names)}
     project = _find_project(conn, params.project_title)
     if project is None:
         with conn.calls("creating the project"):
             project = conn.ls.projects.create(title=params.project_title, label_config=config,
-                                              description="dataengine review queue (pseudo-labels to check)")
+                                              description="dataengine review queue and audit (pseudo-labels to check)")
         stats["created_project"] = True
     elif (project.label_config or "").strip() != config.strip():
         with conn.calls("updating the label config"):
@@ -725,11 +754,13 @@ def _run(body: Any) -> int:
 
 
 def push_cli(argv: list[str]) -> int:
-    """``dataengine review labelstudio push``: the review queue -> a Label Studio project (see :func:`push`)."""
+    """``dataengine review labelstudio push``: the review queue and the audit -> a Label Studio project."""
     parser = _parser("push", "Send the review queue to a Label Studio project (created if absent): one task per "
-                     "image, its accepted and review-band pseudo-labels as predictions. Re-running updates the "
-                     f"tasks, never duplicates them. Images are served by Label Studio from {ROOT_ENV} (set it for "
-                     "the server too, with LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true) or by --image-url-base.")
+                     "image, its accepted and review-band pseudo-labels as predictions; then the images of the "
+                     "filter's audit (a random sample of accepted labels per class; review.labelstudio.max_tasks "
+                     "cuts the queue only). Re-running updates the tasks, never duplicates them. Images are served "
+                     f"by Label Studio from {ROOT_ENV} (set it for the server too, with "
+                     "LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true) or by --image-url-base.")
     parser.add_argument("--image-url-base", default=None, metavar="URL",
                         help=f"base URL of an HTTP server serving the pool folder (used when {ROOT_ENV} is unset); "
                              "image URL = URL/<file_name>")
@@ -742,7 +773,8 @@ def push_cli(argv: list[str]) -> int:
         how = "created" if stats["created_project"] else "updated" if stats["config_updated"] else "found"
         print(f"pushed to Label Studio project {params.project_title!r} (id {stats['project_id']}, {how}) at "
               f"{conn.url}: {stats['new']} new, {stats['updated']} updated, {stats['unchanged']} unchanged tasks"
-              + (f", {stats['stale']} no longer in the queue (kept)" if stats["stale"] else ""))
+              + (f" ({stats['audit']} of them audit images)" if stats["audit"] else "")
+              + (f", {stats['stale']} no longer pushed (kept)" if stats["stale"] else ""))
         return 0
 
     return _run(body)
