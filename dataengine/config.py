@@ -209,6 +209,11 @@ class FilterParams:
     max_per_image: int = _range(1, 10_000, default=50)
     nms_iou: float = _range(0.0, 1.0, default=0.6)  # class-aware NMS after fusion
     seg_confidence: float = _range(0.0, 1.0, default=0.7)  # pixels below get the ignore value 255
+    audit_per_class: int = _range(0, None, default=60)  # accepted labels per class sampled for reviewers to check
+    audit_seed: int = 0  # the audit sample's seed (a label keeps its place in the sample while it stays accepted)
+    # A class is re-calibrated on the reviewers' decisions (instead of general val) once this many of its reviewed
+    # labels lie in its val-accepted range and it has right and wrong ones; 0 = never (see pseudo.calibrate).
+    min_reviewed_accepted: int = _range(0, None, default=20)
 
 
 @dataclass(frozen=True)
@@ -220,7 +225,7 @@ class LabelStudioParams:
     """
 
     project_title: str = "dataengine review"  # the project is found (or created) by this title
-    max_tasks: int = _range(0, None, default=0)  # images pushed, highest risk first; 0 = every image of the queue
+    max_tasks: int = _range(0, None, default=0)  # queue images pushed, highest risk first; 0 = all (audit: never cut)
     masks: bool = True  # send the soft segmentation as brushlabels predictions too
 
 

@@ -18,6 +18,7 @@ from dataengine.pseudo.calibrate import (
     load_predictions,
     match_val_predictions,
     plot_reliability,
+    recalibrate,
     select_threshold,
 )
 
@@ -157,6 +158,92 @@ VAL_GT = {
 
 def _box(file_name: str, bbox: list[float], label: int, score: float) -> dict:
     return {"file_name": file_name, "bbox": bbox, "label": label, "score": score, "consistency": 0.9}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Re-calibration on reviewers' decisions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _lowest_accepted_score(calibration: Calibration, label: int = 0) -> float:
+    """Thresholds live in each calibrator's own probability: compare calibrations by the raw score they accept."""
+    grid = np.linspace(0.0, 1.0, 1001)
+    cls = calibration.classes[label]
+    return float(grid[cls.predict(grid, np.ones_like(grid)) >= cls.threshold].min())
+
+
+def _val_cat_dog() -> Calibration:
+    """Val where a box above 0.3 is right 90+ % of the time, for two classes."""
+    val = [_synthetic(2000, seed=s, truth=lambda sc, c: np.where(sc > 0.3, 0.97, 0.1), label=k)
+           for k, s in ((0, 10), (1, 11))]
+    merged = ValBoxes(*(np.concatenate([getattr(v, f) for v in val]) for f in ("labels", "scores", "consistency",
+                                                                                 "correct")))
+    return fit_calibration(merged, ["cat", "dog"], FilterParams(target_precision=0.9))
+
+
+def _reviewed(n: int, seed: int, truth, label: int = 0, lo: float = 0.3) -> ValBoxes:
+    rng = np.random.default_rng(seed)
+    scores = rng.uniform(lo, 1.0, n)
+    return ValBoxes(np.full(n, label, dtype=np.int64), scores, np.ones(n), rng.uniform(size=n) < truth(scores))
+
+
+def test_recalibrate_raises_the_threshold_where_reviewers_find_the_band_worse() -> None:
+    cal = _val_cat_dog()
+    assert _lowest_accepted_score(cal) < 0.35  # val: everything above 0.3 is good
+    # On the scenario only cats above 0.7 are real (the rest are confusers).
+    noise = np.random.default_rng(1).uniform(size=400)
+    reviewed = _reviewed(400, seed=0, truth=lambda s: (s > 0.7) & (noise < 0.97))
+    new = recalibrate(cal, reviewed, min_reviewed_accepted=20)
+    cat, dog = new.classes
+    assert cat.kind == "reviewed" and dog == cal.classes[1]  # no review of dogs: unchanged
+    assert 0.68 <= _lowest_accepted_score(new) <= 0.75
+    assert cat.reviewed is not None and (cat.reviewed.boxes, cat.reviewed.correct) == (400, int(reviewed.correct.sum()))
+    assert cat.reviewed.val_threshold == cal.classes[0].threshold and cat.reviewed.val_kind == "per-class"
+    assert cat.reviewed.empirical_precision >= 0.9
+    # It survives calibration.json.
+    again = Calibration.from_dict(json.loads(json.dumps(new.to_dict())))
+    grid = np.linspace(0, 1, 101)
+    np.testing.assert_array_equal(again.probability(np.zeros(101, int), grid, np.ones(101)),
+                                  new.probability(np.zeros(101, int), grid, np.ones(101)))
+    assert again.classes[0].reviewed == cat.reviewed
+
+
+def test_recalibrate_needs_evidence_in_the_accepted_range_and_both_verdicts() -> None:
+    cal = _val_cat_dog()
+    t_score = _lowest_accepted_score(cal)
+    # 100 reviewed cats, all *below* the val threshold (the review queue alone): not re-fitted.
+    below = _reviewed(100, seed=2, truth=lambda s: s > 0.1, lo=0.0)
+    below = ValBoxes(below.labels, below.scores * t_score * 0.99, below.consistency, below.correct)
+    assert recalibrate(cal, below, min_reviewed_accepted=20).classes[0] == cal.classes[0]
+    # 19 in range: one short.
+    few = _reviewed(19, seed=3, truth=lambda s: s > 0.7, lo=0.4)
+    assert recalibrate(cal, few, min_reviewed_accepted=20).classes[0] == cal.classes[0]
+    # Enough, but every one right: nothing to fit a calibrator on.
+    right = _reviewed(50, seed=4, truth=lambda s: s > 0.0, lo=0.4)
+    assert recalibrate(cal, right, min_reviewed_accepted=20).classes[0] == cal.classes[0]
+    # Switched off.
+    enough = _reviewed(200, seed=5, truth=lambda s: s > 0.7, lo=0.4)
+    assert recalibrate(cal, enough, min_reviewed_accepted=0) == cal
+    assert recalibrate(cal, enough, min_reviewed_accepted=20).classes[0].kind == "reviewed"
+    with pytest.raises(ValueError, match="0..1"):
+        recalibrate(cal, ValBoxes(np.array([2]), np.array([0.5]), np.ones(1), np.array([True])), 1)
+
+
+def test_recalibrated_class_does_not_extrapolate_below_the_reviewed_range() -> None:
+    cal = _val_cat_dog()
+    # Reviewers checked only strong cats (0.8-1.0), two of 60 wrong: the isotonic fit is ~0.97 everywhere.
+    reviewed = _reviewed(60, seed=6, truth=lambda s: np.arange(len(s)) >= 2, lo=0.8)
+    new = recalibrate(cal, reviewed, min_reviewed_accepted=20)
+    cat = new.classes[0]
+    assert cat.kind == "reviewed"
+    weak = np.array([0.05, 0.2, 0.5])
+    p_new, p_val = cat.predict(weak, np.ones(3)), cal.classes[0].predict(weak, np.ones(3))
+    # Below the reviewed range: never above the val calibrator, nor above the bottom of the reviewed fit.
+    assert np.all(p_new <= p_val + 1e-12) and np.all(p_new <= cat.calibrator.iso_y[0] + 1e-12)
+    assert p_new[0] < 0.2  # a 0.05 box stays in the reject band, as on val
+    # Nothing was reviewed below 0.8 and val trusts boxes from about 0.3: there val still decides (capped by the
+    # reviewed fit's bottom, so never more loosely than on val).
+    assert _lowest_accepted_score(cal) <= _lowest_accepted_score(new) < 0.4
 
 
 def test_match_val_predictions_is_class_aware_and_one_to_one() -> None:

@@ -16,6 +16,9 @@ from dataengine.config import FilterParams
 from dataengine.data.coco import CategoryMap
 from dataengine.pseudo.calibrate import Calibration, Calibrator, ClassCalibration, _logit
 from dataengine.pseudo.filter import (
+    audit_metrics,
+    audit_sample,
+    box_ids,
     diagnostic_metrics,
     filter_pseudo_labels,
     filter_semantic,
@@ -24,6 +27,7 @@ from dataengine.pseudo.filter import (
     semantic_file_name,
     write_semantic_masks,
 )
+from dataengine.review.decisions import empty_decisions, label_decision, write_decisions
 
 NAMES = ["cat", "dog"]
 CATS = CategoryMap.from_names(NAMES)
@@ -269,7 +273,8 @@ def test_metrics_true_precision_recall_on_a_hand_case(tmp_path: Path) -> None:
     assert metrics["estimated_precision"] == {"cat": pytest.approx(0.875), "dog": None,
                                               "overall": pytest.approx(0.875)}
     assert metrics["per_class"]["dog"] == {"accepted": 0, "review": 0, "rejected": 0, "threshold": None,
-                                           "val_threshold": None, "calibration": "per-class", "val_boxes": 100}
+                                           "val_threshold": None, "calibration": "per-class", "val_boxes": 100,
+                                           "reviewed": None}
     assert (metrics["images"], metrics["images_per_second"], metrics["accepted"], metrics["review"]) == (2, 12.5, 2, 3)
 
     diag = diagnostic_metrics(accepted, review, _hidden(tmp_path), 0.5, metrics["estimated_precision"])
@@ -292,13 +297,60 @@ def test_metrics_with_no_boxes_are_null_not_errors(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Audit sample
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _accepted(n_cat: int, n_dog: int, drop: set[str] = frozenset()) -> dict[str, Any]:
+    anns = [{"image_id": 1 + i % 3, "category_id": 1 if i < n_cat else 2, "bbox": [i, 0, 5, 5], "score": 0.9,
+             "probability": 0.95, "consistency": 1.0, "pseudo_id": f"{'abc'[i % 3]}.png#{i}"}
+            for i in range(n_cat + n_dog)]
+    return {"images": [{"id": k + 1, "file_name": f"{c}.png", "width": 50, "height": 50} for k, c in enumerate("abc")],
+            "categories": CATS.to_coco(), "annotations": [a for a in anns if a["pseudo_id"] not in drop]}
+
+
+def test_audit_sample_is_per_class_round_robin_and_stable() -> None:
+    audit = audit_sample(_accepted(40, 3), per_class=10, seed=0)
+    assert [r["audit_rank"] for r in audit] == list(range(13))
+    # Round robin: cat, dog, cat, dog, cat, dog, then the cats left.
+    assert [r["class_name"] for r in audit] == ["cat", "dog"] * 3 + ["cat"] * 7
+    ids = [r["id"] for r in audit]
+    assert len(set(ids)) == 13 and audit[0]["bbox"] == [audit[0]["bbox"][0], 0, audit[0]["bbox"][0] + 5, 5]
+    assert {k for k in audit[0]} >= {"id", "file_name", "width", "height", "bbox", "label", "category_id",
+                                     "class_name", "score", "probability", "consistency", "audit_rank"}
+    # Deterministic, seed-dependent, and a label keeps its place when an unsampled label leaves the band.
+    assert audit_sample(_accepted(40, 3), per_class=10, seed=0) == audit
+    assert {r["id"] for r in audit_sample(_accepted(40, 3), per_class=10, seed=1)} != set(ids)
+    unsampled = next(f"{'abc'[i % 3]}.png#{i}" for i in range(40) if f"{'abc'[i % 3]}.png#{i}" not in ids)
+    assert audit_sample(_accepted(40, 3, drop={unsampled}), per_class=10, seed=0) == audit
+    # A sampled label that leaves is replaced by the next one of its class.
+    smaller = audit_sample(_accepted(40, 3, drop={ids[0]}), per_class=10, seed=0)
+    assert len(smaller) == 13 and ids[0] not in {r["id"] for r in smaller}
+    assert set(ids[1:]) <= {r["id"] for r in smaller}
+    assert audit_sample(_accepted(40, 3), per_class=0, seed=0) == []
+
+
+def test_audit_metrics_precision_and_wilson_interval() -> None:
+    audit = [{"id": f"a#{i}", "class_name": "cat"} for i in range(12)] + [{"id": "b#0", "class_name": "dog"}]
+    verdicts = {f"a#{i}": i >= 2 for i in range(10)}  # 10 of 12 checked, 8 right; a#11 unchecked
+    verdicts["other#0"] = False  # a decision outside the audit does not count
+    m = audit_metrics(audit, verdicts)
+    assert (m["cat"]["sampled"], m["cat"]["checked"], m["cat"]["right"], m["cat"]["precision"]) == (12, 10, 8, 0.8)
+    # Wilson 95 % for 8/10: (0.4902, 0.9433) (Wilson 1927; e.g. R's prop.test without continuity correction).
+    assert m["cat"]["interval95"] == pytest.approx([0.4902, 0.9433], abs=1e-4)
+    assert m["dog"] == {"sampled": 1, "checked": 0, "right": 0, "precision": None, "interval95": None}
+    assert (m["overall"]["sampled"], m["overall"]["checked"]) == (13, 10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Stage script
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def test_filter_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _stage_inputs(tmp_path: Path, pool_boxes: list[dict[str, Any]]) -> tuple[Path, Path, Path]:
+    """General val, pool predictions (with masks), hidden labels and params on disk: ``(data, pseudo, params)``."""
     rng = np.random.default_rng(0)
-    data, pseudo, out = tmp_path / "prepared", tmp_path / "pseudo", tmp_path / "filtered"
+    data, pseudo = tmp_path / "prepared", tmp_path / "pseudo"
     # General val: one object per image; the teacher finds it with a score, plus a low-score false box.
     val_images, val_anns, val_boxes = [], [], []
     for i in range(80):
@@ -315,7 +367,7 @@ def test_filter_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     (pseudo / "val" / "predictions.json").write_text(json.dumps(
         {"images": [{"file_name": im["file_name"], "width": 64, "height": 64, "seg": None} for im in val_images],
          "boxes": val_boxes, "class_names": NAMES}))
-    pool = _pool([_box("a.png", [0, 0, 20, 20], 0, 0.95), _box("a.png", [50, 50, 70, 70], 1, 0.3)], seg=True)
+    pool = _pool(pool_boxes, seg=True)
     for f in ("a.png", "b.png"):
         _png(pseudo / "pool" / f"seg/{f}.label.png", np.ones((100, 100), np.uint8))
         _png(pseudo / "pool" / f"seg/{f}.confidence.png", np.full((100, 100), 255, np.uint8))
@@ -325,16 +377,31 @@ def test_filter_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     _hidden(data / "scenario").rename(data / "scenario" / "pool_hidden.json")
     params = tmp_path / "params.yaml"
     params.write_text("filter:\n  target_precision: 0.9\n  min_calibration_boxes: 10\n")
+    return data, pseudo, params
 
+
+def _run_filter_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: Path, pseudo: Path, params: Path,
+                      out: Path, decisions: Path) -> dict[str, Any]:
     monkeypatch.setattr(sys, "argv", ["filter.py", "--params", str(params), "--pseudo", str(pseudo), "--data",
-                                      str(data), "--out", str(out), "--metrics", str(tmp_path / "pseudo.json")])
+                                      str(data), "--decisions", str(decisions), "--out", str(out), "--metrics",
+                                      str(tmp_path / "pseudo.json")])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(Path(__file__).parents[1] / "pipelines" / "filter.py"), run_name="__main__")
     assert exit_info.value.code == 0
+    return json.loads((tmp_path / "pseudo.json").read_text())
+
+
+def test_filter_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, pseudo, params = _stage_inputs(
+        tmp_path, [_box("a.png", [0, 0, 20, 20], 0, 0.95), _box("a.png", [50, 50, 70, 70], 1, 0.3)])
+    out = tmp_path / "filtered"
+    # A decisions file that does not exist yet: no decision.
+    metrics = _run_filter_stage(tmp_path, monkeypatch, data, pseudo, params, out, tmp_path / "none.json")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "accepted.json", "calibration.json", "rejected.json", "reliability.png", "review_queue.json",
+        "accepted.json", "audit.json", "calibration.json", "rejected.json", "reliability.png", "review_queue.json",
         "semantic/a.png.png", "semantic/b.png.png"]
-    metrics = json.loads((tmp_path / "pseudo.json").read_text())
+    assert [r["id"] for r in json.loads((out / "audit.json").read_text())] == ["a.png#0"]
+    assert metrics["reviewed_labels"] == 0 and metrics["audit"]["cat"]["checked"] == 0
     assert metrics["images_per_second"] == 3.5 and metrics["images"] == 2
     assert {"accepted", "review", "rejected", "per_class", "estimated_precision", "true_precision", "true_recall",
             "review_true_precision", "precision_gap"} <= metrics.keys()
@@ -344,3 +411,41 @@ def test_filter_stage_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     calibration = json.loads((out / "calibration.json").read_text())
     # Separable val data: the isotonic step is 0 then 1, so the threshold is p = 1.
     assert (calibration["classes"]["cat"]["kind"], calibration["classes"]["cat"]["threshold"]) == ("per-class", 1.0)
+
+
+def test_filter_stage_recalibrates_a_class_on_reviewers_decisions(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # 60 pool cats scoring 0.62-1.0: val (every box above 0.6 right) accepts them all. Reviewers find that only
+    # those above 0.85 are cats (the others are confusers) and say so for 40 of them.
+    scores = np.linspace(0.62, 1.0, 60)
+    grid = [(12 * (k % 8), 12 * (k // 8)) for k in range(30)]  # 30 disjoint 10 px boxes per image: no NMS
+    boxes = [_box("a.png" if i % 2 else "b.png", [x, y, x + 10, y + 10], 0, float(sc))
+             for i, (sc, (x, y)) in enumerate(zip(scores, [grid[i // 2] for i in range(60)]))]
+    data, pseudo, params = _stage_inputs(tmp_path, boxes)
+    out = tmp_path / "filtered"
+    before = _run_filter_stage(tmp_path, monkeypatch, data, pseudo, params, out, tmp_path / "none.json")
+    assert before["per_class"]["cat"]["accepted"] == 60 and before["per_class"]["cat"]["calibration"] == "per-class"
+
+    ids = box_ids(boxes)
+    doc = empty_decisions()
+    for i in [i for i in range(60) if i % 3 != 2]:
+        doc["labels"][ids[i]] = label_decision(boxes[i]["file_name"], "accept" if scores[i] > 0.85 else "reject",
+                                               source="fiftyone",
+                                               original={"bbox": boxes[i]["bbox"], "class_name": "cat"})
+    decisions = tmp_path / "decisions.json"
+    write_decisions(decisions, doc)
+    after = _run_filter_stage(tmp_path, monkeypatch, data, pseudo, params, out, decisions)
+
+    cat = after["per_class"]["cat"]
+    assert after["reviewed_labels"] == 40 and cat["calibration"] == "reviewed"
+    assert (cat["reviewed"]["boxes"], cat["reviewed"]["in_accepted_range"]) == (40, 40)
+    accepted = json.loads((out / "accepted.json").read_text())["annotations"]
+    assert accepted and min(a["score"] for a in accepted) > 0.85
+    assert after["per_class"]["dog"]["calibration"] == "per-class"  # no dog was reviewed
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["classes"]["cat"]["kind"] == "reviewed" and calibration["classes"]["cat"]["val_calibrator"]
+    # The audit samples the new band; what reviewers said about its labels is counted.
+    audit = json.loads((out / "audit.json").read_text())
+    assert {r["id"] for r in audit} <= {a["pseudo_id"] for a in accepted}
+    assert after["audit"]["cat"]["checked"] == sum(r["id"] in doc["labels"] for r in audit)
+    assert after["audit"]["cat"]["precision"] == 1.0

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from dataengine.io import read_json
-from dataengine.review.curate import curate, review_metrics
+from dataengine.review.curate import curate, review_metrics, teacher_verdicts
 from dataengine.review.decisions import (
     DecisionsError,
     attach_originals,
@@ -310,3 +310,24 @@ def test_dvc_reruns_review_and_downstream_only(tmp_path):
     assert "Running stage 'upstream'" not in out
     assert (repo / "count.txt").read_text().strip() == "3"
     shutil.rmtree(repo / ".dvc" / "cache", ignore_errors=True)
+
+
+def test_teacher_verdicts_follow_the_review_metrics_rules_and_reattach_stale_decisions() -> None:
+    records = {"a.png#0": {"file_name": "a.png", "bbox": [0, 0, 10, 10], "class_name": "cat"},
+               "a.png#1": {"file_name": "a.png", "bbox": [50, 50, 60, 60], "class_name": "dog"},
+               "a.png#2": {"file_name": "a.png", "bbox": [20, 20, 30, 30], "class_name": "cat"},
+               "b.png#0": {"file_name": "b.png", "bbox": [0, 0, 10, 10], "class_name": "cat"}}
+    doc = empty_decisions()
+    doc["labels"] = {
+        "a.png#0": label_decision("a.png", "correct", source="fiftyone", bbox=[0, 0, 10, 11], class_name="cat"),
+        "a.png#1": label_decision("a.png", "correct", source="fiftyone", bbox=[50, 50, 60, 60], class_name="cat"),
+        # Stale: the id now names another box; re-attached to a.png#2 (same class, same box).
+        "a.png#7": label_decision("a.png", "reject", source="fiftyone",
+                                  original={"bbox": [20, 20, 30, 30], "class_name": "cat"}),
+        # Stale and matching nothing now: no verdict.
+        "b.png#3": label_decision("b.png", "accept", source="fiftyone",
+                                  original={"bbox": [80, 80, 90, 90], "class_name": "cat"}),
+        "b.png#0": label_decision("b.png", "accept", source="labelstudio"),
+    }
+    assert teacher_verdicts(doc, records) == {"a.png#0": True, "a.png#1": False, "a.png#2": False, "b.png#0": True}
+    assert teacher_verdicts(empty_decisions(), records) == {}

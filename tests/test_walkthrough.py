@@ -382,9 +382,10 @@ def test_first_hour(tmp_path, ls_binary):
         data_dir = Path(term.exported("LABEL_STUDIO_BASE_DATA_DIR"))
         assert data_dir.is_relative_to(home) and (data_dir / "api-token").read_text().strip() == token
 
-        # 4. push the review queue
+        # 4. push the review queue and the audit sample
         out = step("4", blocks[4][1])
         queue_images = {r["file_name"] for r in json.loads((proj / "data/filtered/review_queue.json").read_text())}
+        queue_images |= {r["file_name"] for r in json.loads((proj / "data/filtered/audit.json").read_text())}
         assert queue_images and f"{len(queue_images)} new, 0 updated, 0 unchanged" in out, out
         from label_studio_sdk import LabelStudio
 
@@ -423,10 +424,13 @@ def test_first_hour(tmp_path, ls_binary):
         # 6. dvc status names the stages the decisions feed; dvc repro re-runs them and nothing upstream; commit
         out = step("6", blocks[6][1])
         status_part = out.split("Running stage", 1)[0]
-        assert "review:" in status_part and "mine:" in status_part and "data/review/decisions.json" in status_part
+        assert all(f"{s}:" in status_part for s in ("filter", "review", "mine")), status_part
+        assert "data/review/decisions.json" in status_part
         ran = _stages_run(out)
-        assert {"review", "mine", f"distill@{STUDENT}", f"export@{STUDENT}", "evaluate"} <= ran, ran
-        assert not ran & {"prepare", "train_teacher", "pseudo_label", "filter", f"baseline@{STUDENT}"}, ran
+        assert {"filter", "review", "mine", f"distill@{STUDENT}", f"export@{STUDENT}", "evaluate"} <= ran, ran
+        assert not ran & {"prepare", "train_teacher", "pseudo_label", f"baseline@{STUDENT}"}, ran
+        pseudo = json.loads((proj / "metrics/pseudo.json").read_text())
+        assert pseudo["reviewed_labels"] == len(doc["labels"]), pseudo["reviewed_labels"]
         review = json.loads((proj / "metrics/review.json").read_text())
         assert review["decisions"]["accept"] == 1 and review["decisions"]["reject"] == rejects
         assert review["decisions"]["added"] == 1 and review["decisions"]["negative"] == 1

@@ -32,6 +32,20 @@ val box, gets no threshold (``None``): it accepts nothing and its boxes above ``
 all go to review. The filter may raise a threshold further so that the *pool* boxes it accepts reach the target in
 estimated precision too (:func:`dataengine.pseudo.filter.pool_thresholds`).
 
+**Re-calibration on the reviewers' decisions** (:func:`recalibrate`): general val is another domain than the
+scenario (on the demo, boxes calibrated at ``p >= 0.9`` on val are 0.76-0.97 precise on the pool: the teacher never
+saw a confuser). The labels people decided on in the review tools are scenario evidence: each says whether the
+teacher's box was right (:func:`dataengine.review.curate.teacher_verdicts`). A class is re-fitted on them -- the
+same two-step calibrator and the same threshold rule, on its reviewed labels instead of its val boxes (kind
+``"reviewed"``) -- once it has right and wrong reviewed labels and at least ``filter.min_reviewed_accepted`` of
+them lie in its *val-accepted range* (``p_val >=`` its val threshold). The second condition is what the filter's
+audit sample (a random sample of accepted labels per class, :func:`dataengine.pseudo.filter.audit_sample`) is for:
+the review queue alone holds boxes *below* the threshold, and a calibrator fitted on them would extrapolate its top
+value to every accepted box. The reviewed labels are not a random sample of the pool (the queue is ranked by risk,
+the audit samples the accepted band), but both select on the val-calibrated probability only, a function of
+``(score, consistency)``; a calibrator of ``P(correct | score, consistency)`` fitted on them is unbiased under such
+a selection, and :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's own mix as before.
+
 The whole calibration serialises to JSON (:meth:`Calibration.to_dict`): logistic coefficients and the isotonic
 ``X``/``y`` thresholds, from which :meth:`Calibrator.predict` reproduces scikit-learn's ``predict`` exactly (linear
 interpolation, clipped at the ends).
@@ -80,6 +94,8 @@ __all__ = [
     "check_predictions",
     "select_threshold",
     "fit_calibration",
+    "ReviewedEvidence",
+    "recalibrate",
     "plot_reliability",
 ]
 
@@ -258,10 +274,14 @@ class Calibrator:
     n_boxes: int
     n_correct: int
 
+    def projection(self, scores: Sequence[float] | np.ndarray, consistency: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The logistic step's linear output ``z`` ``[N]`` (what the isotonic step maps to a probability)."""
+        z = self.coef_score * _logit(scores) + self.coef_consistency * np.asarray(consistency, dtype=np.float64)
+        return z + self.intercept
+
     def predict(self, scores: Sequence[float] | np.ndarray, consistency: Sequence[float] | np.ndarray) -> np.ndarray:
         """Calibrated probabilities ``[N]`` for ``scores`` ``[N]`` and ``consistency`` ``[N]``."""
-        z = self.coef_score * _logit(scores) + self.coef_consistency * np.asarray(consistency, dtype=np.float64)
-        z = z + self.intercept
+        z = self.projection(scores, consistency)
         # IsotonicRegression.predict with out_of_bounds="clip" is linear interpolation between its thresholds,
         # constant beyond them: exactly np.interp.
         return np.interp(z, np.asarray(self.iso_x), np.asarray(self.iso_y))
@@ -376,12 +396,44 @@ def select_threshold(probabilities: np.ndarray, correct: np.ndarray,
 
 
 @dataclass(frozen=True)
+class ReviewedEvidence:
+    """What a class re-calibrated on the reviewers' decisions (kind ``"reviewed"``) was fitted on.
+
+    Attributes:
+        boxes: Reviewed labels of the class.
+        correct: How many of them the teacher got right.
+        in_accepted_range: How many lay at or above the val threshold (under the val calibrator).
+        accepted: Reviewed labels at or above the new threshold.
+        calibrated_precision: Mean ``p`` of those (``None`` without a threshold).
+        empirical_precision: Fraction right of those (``None`` without a threshold).
+        val_kind: The val calibration it replaced (``"per-class"`` or ``"pooled"``).
+        val_threshold: That calibration's threshold.
+    """
+
+    boxes: int
+    correct: int
+    in_accepted_range: int
+    accepted: int
+    calibrated_precision: float | None
+    empirical_precision: float | None
+    val_kind: Literal["per-class", "pooled"]
+    val_threshold: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"boxes": self.boxes, "correct": self.correct, "in_accepted_range": self.in_accepted_range,
+                "accepted": self.accepted, "calibrated_precision": self.calibrated_precision,
+                "empirical_precision": self.empirical_precision, "val_kind": self.val_kind,
+                "val_threshold": self.val_threshold}
+
+
+@dataclass(frozen=True)
 class ClassCalibration:
     """One class's calibrator, threshold and the val evidence behind them.
 
     Attributes:
         name: Class name.
-        kind: ``"per-class"`` or ``"pooled"`` (fewer than ``min_calibration_boxes`` val boxes).
+        kind: ``"per-class"``, ``"pooled"`` (fewer than ``min_calibration_boxes`` val boxes) or ``"reviewed"``
+            (re-fitted on the reviewers' decisions, :func:`recalibrate`).
         calibrator: The calibrator used for this class (the pooled one when ``kind == "pooled"``).
         threshold: Accept ``p >= threshold``; ``None``: accept nothing.
         val_boxes: The class's val boxes.
@@ -389,10 +441,13 @@ class ClassCalibration:
         val_accepted: Val boxes at or above the threshold.
         val_calibrated_precision: Mean ``p`` of those (``None`` without a threshold).
         val_empirical_precision: Fraction correct of those (``None`` without a threshold).
+        reviewed: The review evidence when ``kind == "reviewed"`` (the ``val_*`` fields still describe val).
+        val_calibrator: When ``kind == "reviewed"``, the val calibrator it replaced, still used *below* the reviewed
+            labels' range (:meth:`predict`).
     """
 
     name: str
-    kind: Literal["per-class", "pooled"]
+    kind: Literal["per-class", "pooled", "reviewed"]
     calibrator: Calibrator
     threshold: float | None
     val_boxes: int
@@ -400,13 +455,32 @@ class ClassCalibration:
     val_accepted: int
     val_calibrated_precision: float | None
     val_empirical_precision: float | None
+    reviewed: ReviewedEvidence | None = None
+    val_calibrator: Calibrator | None = None
+
+    def predict(self, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities ``[N]`` of this class's boxes.
+
+        A class re-fitted on reviewed labels knows nothing from them below their range (an isotonic fit is
+        constant there: a class whose few wrong reviewed labels all score high would accept every weak box). There
+        its probability is ``min(p_val, p at the bottom of the reviewed range)``: monotonicity bounds it by the
+        latter, and the val calibrator is the only evidence left.
+        """
+        p = self.calibrator.predict(scores, consistency)
+        if self.val_calibrator is not None:
+            below = self.calibrator.projection(scores, consistency) < self.calibrator.iso_x[0]
+            p[below] = np.minimum(self.val_calibrator.predict(scores[below], consistency[below]),
+                                  self.calibrator.iso_y[0])
+        return p
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "threshold": self.threshold, "val_boxes": self.val_boxes,
                 "val_correct": self.val_correct, "val_accepted": self.val_accepted,
                 "val_calibrated_precision": self.val_calibrated_precision,
                 "val_empirical_precision": self.val_empirical_precision,
-                "calibrator": None if self.kind == "pooled" else self.calibrator.to_dict()}
+                "calibrator": None if self.kind == "pooled" else self.calibrator.to_dict(),
+                "reviewed": None if self.reviewed is None else self.reviewed.to_dict(),
+                "val_calibrator": None if self.val_calibrator is None else self.val_calibrator.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -438,7 +512,7 @@ class Calibration:
         for label, cls in enumerate(self.classes):
             mask = labels == label
             if mask.any():
-                out[mask] = cls.calibrator.predict(scores[mask], consistency[mask])
+                out[mask] = cls.predict(scores[mask], consistency[mask])
         return out
 
     def thresholds(self) -> np.ndarray:
@@ -459,9 +533,11 @@ class Calibration:
         for name in d["class_names"]:
             c = d["classes"][name]
             calibrator = pooled if c["kind"] == "pooled" else Calibrator.from_dict(c["calibrator"])
+            reviewed = ReviewedEvidence(**c["reviewed"]) if c.get("reviewed") else None
+            val_calibrator = Calibrator.from_dict(c["val_calibrator"]) if c.get("val_calibrator") else None
             classes.append(ClassCalibration(name, c["kind"], calibrator, c["threshold"], c["val_boxes"],
                                             c["val_correct"], c["val_accepted"], c["val_calibrated_precision"],
-                                            c["val_empirical_precision"]))
+                                            c["val_empirical_precision"], reviewed, val_calibrator))
         return cls(tuple(d["class_names"]), tuple(classes), pooled, float(d["target_precision"]),
                    float(d["match_iou"]), int(d["min_calibration_boxes"]))
 
@@ -506,6 +582,61 @@ def fit_calibration(val: ValBoxes, class_names: Sequence[str], params: FilterPar
                                         accepted, calibrated, empirical))
     return Calibration(names, tuple(classes), pooled, params.target_precision, params.match_iou,
                        params.min_calibration_boxes)
+
+
+def recalibrate(calibration: Calibration, reviewed: ValBoxes, min_reviewed_accepted: int) -> Calibration:
+    """Re-fit the classes with enough review evidence on the reviewers' decisions (see the module docstring).
+
+    Args:
+        calibration: The val calibration (:func:`fit_calibration`).
+        reviewed: The pool labels people decided on: labels, raw scores, consistency and whether the teacher was
+            right (:func:`dataengine.review.curate.teacher_verdicts`).
+        min_reviewed_accepted: Reviewed labels a class needs in its val-accepted range (``p_val >=`` val threshold);
+            0 turns re-calibration off.
+
+    Returns:
+        A calibration whose qualifying classes have kind ``"reviewed"``, their calibrator and threshold fitted on
+        the reviewed labels (:func:`fit_calibrator`, :func:`select_threshold`; the val calibrator is kept for
+        boxes below the reviewed range, :meth:`ClassCalibration.predict`); the others are unchanged.
+
+    Raises:
+        ValueError: A reviewed label outside the calibration's classes.
+
+    Example:
+        >>> grid = np.linspace(0.05, 1, 40)
+        >>> val = ValBoxes(np.zeros(40, dtype=int), grid, np.ones(40), grid > 0.3)
+        >>> cal = fit_calibration(val, ["cat"], FilterParams(min_calibration_boxes=10))
+        >>> scores = np.linspace(0.5, 1, 30)  # on the scenario, only the top third is right
+        >>> rev = ValBoxes(np.zeros(30, dtype=int), scores, np.ones(30), scores > 0.83)
+        >>> new = recalibrate(cal, rev, min_reviewed_accepted=20)
+        >>> def lowest_accepted_score(c):  # thresholds are in each calibrator's own p: compare raw scores
+        ...     grid = np.linspace(0, 1, 101)
+        ...     return grid[c.classes[0].predict(grid, np.ones(101)) >= c.classes[0].threshold].min()
+        >>> new.classes[0].kind, float(lowest_accepted_score(cal)), float(lowest_accepted_score(new))
+        ('reviewed', 0.32, 0.85)
+    """
+    if len(reviewed.labels) and (reviewed.labels.min() < 0 or reviewed.labels.max() >= len(calibration.classes)):
+        raise ValueError(f"reviewed label ids must be in 0..{len(calibration.classes) - 1} for classes "
+                         f"{list(calibration.class_names)}")
+    classes = []
+    for label, cls in enumerate(calibration.classes):
+        mask = reviewed.labels == label
+        scores, consistency, correct = reviewed.scores[mask], reviewed.consistency[mask], reviewed.correct[mask]
+        n, right = int(mask.sum()), int(correct.sum())
+        p_val = cls.predict(scores, consistency)
+        in_range = 0 if cls.threshold is None else int((p_val >= cls.threshold).sum())
+        if min_reviewed_accepted == 0 or in_range < min_reviewed_accepted or right in (0, n):
+            classes.append(cls)
+            continue
+        calibrator = fit_calibrator(scores, consistency, correct)
+        p = calibrator.predict(scores, consistency)
+        threshold, calibrated, empirical, accepted = select_threshold(p, correct, calibration.target_precision)
+        evidence = ReviewedEvidence(n, right, in_range, accepted, calibrated, empirical, cls.kind, cls.threshold)
+        classes.append(ClassCalibration(cls.name, "reviewed", calibrator, threshold, cls.val_boxes, cls.val_correct,
+                                        cls.val_accepted, cls.val_calibrated_precision, cls.val_empirical_precision,
+                                        evidence, cls.calibrator))
+    return Calibration(calibration.class_names, tuple(classes), calibration.pooled, calibration.target_precision,
+                       calibration.match_iou, calibration.min_calibration_boxes)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,6 +53,14 @@ A record is ``{"id", "file_name", "width", "height", "bbox": [x1, y1, x2, y2] (o
 predictions.json), "label", "category_id", "class_name", "score", "probability", "consistency", "threshold"}``
 (``threshold`` ``None`` for a class that accepts nothing).
 
+**Audit sample** (:func:`audit_sample`, ``audit.json``): per class, ``filter.audit_per_class`` accepted labels
+drawn at random (the labels with the smallest ``sha256("<audit_seed>:<id>")``, so a label keeps its place while it
+stays accepted and a re-run draws the same sample), ranked round-robin over the classes so a reviewer who stops early
+has checked every class about as often. The review queue holds only boxes *below* the thresholds; the audit is how
+people measure the accepted band itself (:func:`audit_metrics`: precision with a Wilson 95 % interval per class, no
+hidden labels needed) and what lets the filter re-calibrate a class on their decisions
+(:func:`dataengine.pseudo.calibrate.recalibrate`; the stage reads ``data/review/decisions.json``).
+
 **Filtered semantic masks** (:func:`write_semantic_masks`): per pool image with segmentation, a PNG of category ids
 (0 background) where pixels whose stored confidence ``c / 255`` is below ``filter.seg_confidence`` are set to 255
 (ignored by every loss and metric). They are written to ``<out>/semantic/<file_name>.png`` (the image's path plus
@@ -75,6 +83,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import shutil
@@ -85,6 +94,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy.stats import binomtest
 from torchvision.ops import batched_nms
 
 from dataengine.boxes import xyxy_to_coco
@@ -92,7 +102,7 @@ from dataengine.config import FilterParams
 from dataengine.data.coco import IGNORE_INDEX, CategoryMap, load_coco
 from dataengine.evaluation import precision_recall_at
 from dataengine.io import atomic_write_bytes, safe_join
-from dataengine.pseudo.calibrate import Calibration, check_predictions, select_threshold
+from dataengine.pseudo.calibrate import Calibration, ValBoxes, check_predictions, select_threshold
 
 __all__ = [
     "SEMANTIC_ROOT",
@@ -100,7 +110,12 @@ __all__ = [
     "semantic_file_name",
     "review_risk",
     "pool_thresholds",
+    "box_ids",
+    "pool_records",
+    "reviewed_boxes",
     "filter_pseudo_labels",
+    "audit_sample",
+    "audit_metrics",
     "filter_semantic",
     "write_semantic_masks",
     "pseudo_metrics",
@@ -182,6 +197,45 @@ def pool_thresholds(probability: np.ndarray, labels: np.ndarray, val_thresholds:
     return out
 
 
+def box_ids(boxes: list[dict[str, Any]]) -> list[str]:
+    """The stable ids ``"<file_name>#<i>"`` of a predictions file's boxes, in order (see the module docstring).
+
+    Example:
+        >>> box_ids([{"file_name": "a.png"}, {"file_name": "b.png"}, {"file_name": "a.png"}])
+        ['a.png#0', 'b.png#0', 'a.png#1']
+    """
+    seen: Counter[str] = Counter()
+    ids = []
+    for b in boxes:
+        ids.append(f"{b['file_name']}#{seen[b['file_name']]}")
+        seen[b["file_name"]] += 1
+    return ids
+
+
+def pool_records(pool_predictions: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every box of the pool's predictions by id: ``{"file_name", "bbox" (xyxy), "label", "class_name", "score",
+    "consistency"}``, the form :func:`dataengine.review.curate.teacher_verdicts` reads."""
+    names = pool_predictions["class_names"]
+    return {lid: {"file_name": b["file_name"], "bbox": list(b["bbox"]), "label": b["label"],
+                  "class_name": names[b["label"]], "score": b["score"], "consistency": b["consistency"]}
+            for lid, b in zip(box_ids(pool_predictions["boxes"]), pool_predictions["boxes"])}
+
+
+def reviewed_boxes(records: dict[str, dict[str, Any]], verdicts: dict[str, bool]) -> ValBoxes:
+    """The labels people decided on, as calibration input (``correct`` = the teacher was right), sorted by id.
+
+    Example:
+        >>> rec = {"a#0": {"label": 1, "score": 0.9, "consistency": 0.8}}
+        >>> reviewed_boxes(rec, {"a#0": False}).correct.tolist()
+        [False]
+    """
+    ids = sorted(verdicts)
+    return ValBoxes(labels=np.array([records[i]["label"] for i in ids], dtype=np.int64),
+                    scores=np.array([records[i]["score"] for i in ids], dtype=np.float64),
+                    consistency=np.array([records[i]["consistency"] for i in ids], dtype=np.float64),
+                    correct=np.array([verdicts[i] for i in ids], dtype=bool))
+
+
 def _check_pool(pool_predictions: dict[str, Any], calibration: Calibration, params: FilterParams,
                 categories: CategoryMap) -> None:
     names = list(pool_predictions["class_names"])
@@ -237,11 +291,7 @@ def filter_pseudo_labels(
     images = pool_predictions["images"]
     boxes = pool_predictions["boxes"]
     image_of = {img["file_name"]: i for i, img in enumerate(images)}
-    per_image_seen: Counter[str] = Counter()
-    ids = []
-    for b in boxes:
-        ids.append(f"{b['file_name']}#{per_image_seen[b['file_name']]}")
-        per_image_seen[b["file_name"]] += 1
+    ids = box_ids(boxes)
 
     n = len(boxes)
     xyxy = np.array([b["bbox"] for b in boxes], dtype=np.float64).reshape(n, 4)  # [N, 4]
@@ -340,6 +390,82 @@ def filter_pseudo_labels(
         "per_class": per_class,
     }
     return accepted_coco, review_queue, rejected, stats
+
+
+def _audit_key(seed: int, label_id: str) -> str:
+    return hashlib.sha256(f"{seed}:{label_id}".encode()).hexdigest()
+
+
+def audit_sample(accepted_coco: dict[str, Any], per_class: int, seed: int) -> list[dict[str, Any]]:
+    """A random sample of accepted labels per class for people to check (see the module docstring).
+
+    Args:
+        accepted_coco: The accepted COCO dict (annotations with ``pseudo_id``, ``score``, ``probability``,
+            ``consistency``).
+        per_class: Labels drawn per class (all of a class's labels when it has fewer).
+        seed: The sample's seed.
+
+    Returns:
+        Records (``{"id", "file_name", "width", "height", "bbox" (xyxy), "label", "category_id", "class_name",
+        "score", "probability", "consistency", "audit_rank"}``) sorted by ``audit_rank`` (0 first).
+
+    Example:
+        >>> coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 8}],
+        ...         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        ...         "annotations": [{"image_id": 1, "category_id": c, "bbox": [0, 0, 4, 4], "score": 0.9,
+        ...                          "probability": 0.95, "consistency": 1.0, "pseudo_id": f"a.png#{i}"}
+        ...                         for i, c in enumerate([1, 1, 1, 2])]}
+        >>> [(r["class_name"], r["audit_rank"]) for r in audit_sample(coco, per_class=2, seed=0)]
+        [('cat', 0), ('dog', 1), ('cat', 2)]
+    """
+    cats = CategoryMap.from_coco(accepted_coco)
+    images = {img["id"]: img for img in accepted_coco["images"]}
+    by_label: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for ann in accepted_coco["annotations"]:
+        label = cats.ids.index(ann["category_id"])
+        img = images[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        by_label[label].append({"id": ann["pseudo_id"], "file_name": img["file_name"], "width": img["width"],
+                                "height": img["height"], "bbox": [x, y, x + w, y + h], "label": label,
+                                "category_id": ann["category_id"], "class_name": cats.names[label],
+                                "score": ann["score"], "probability": ann["probability"],
+                                "consistency": ann["consistency"]})
+    drawn = [sorted(by_label[k], key=lambda r: _audit_key(seed, r["id"]))[:per_class] for k in range(len(cats.ids))]
+    round_robin = [d[j] for j in range(max((len(d) for d in drawn), default=0)) for d in drawn if len(d) > j]
+    return [{**rec, "audit_rank": rank} for rank, rec in enumerate(round_robin)]
+
+
+def audit_metrics(audit: list[dict[str, Any]], verdicts: dict[str, bool]) -> dict[str, Any]:
+    """The accepted band's precision as people measured it on the audit sample, per class and overall.
+
+    Args:
+        audit: :func:`audit_sample`'s records.
+        verdicts: Whether the teacher was right, by label id (:func:`dataengine.review.curate.teacher_verdicts`).
+
+    Returns:
+        ``{name: {"sampled", "checked", "right", "precision", "interval95"}, "overall": {...}}``; ``precision`` is
+        ``right / checked`` and ``interval95`` its Wilson 95 % interval (``None`` for both with nothing checked).
+
+    Example:
+        >>> audit = [{"id": "a#0", "class_name": "cat"}, {"id": "a#1", "class_name": "cat"}]
+        >>> audit_metrics(audit, {"a#0": True})["cat"]["precision"]
+        1.0
+    """
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for rec in audit:
+        groups[rec["class_name"]].append(rec)
+    groups["overall"] = list(audit)
+    out = {}
+    for name, recs in groups.items():
+        checked = [verdicts[r["id"]] for r in recs if r["id"] in verdicts]
+        right = sum(checked)
+        interval = None
+        if checked:
+            ci = binomtest(right, len(checked)).proportion_ci(0.95, method="wilson")
+            interval = [round(float(ci.low), 4), round(float(ci.high), 4)]
+        out[name] = {"sampled": len(recs), "checked": len(checked), "right": right,
+                     "precision": round(right / len(checked), 4) if checked else None, "interval95": interval}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,7 +583,8 @@ def pseudo_metrics(stats: dict[str, Any], accepted_coco: dict[str, Any], calibra
     Returns:
         ``images``, ``images_per_second``, ``accepted``, ``review``, ``rejected``, ``rejected_by_reason``,
         ``per_class`` (``{name: {"accepted", "review", "rejected", "threshold" (applied), "val_threshold",
-        "calibration", "val_boxes"}}``) and
+        "calibration" (kind), "val_boxes", "reviewed" (the review evidence of a re-calibrated class, else
+        ``None``)}}``) and
         ``estimated_precision`` (``{name: mean p of its accepted boxes, "overall": ...}``, ``None`` without boxes).
 
     Example:
@@ -471,8 +598,10 @@ def pseudo_metrics(stats: dict[str, Any], accepted_coco: dict[str, Any], calibra
     cats = CategoryMap.from_coco(accepted_coco)
     estimated = {name: _mean_or_none(by_category[cid]) for cid, name in zip(cats.ids, cats.names)}
     estimated["overall"] = _mean_or_none([p for ps in by_category.values() for p in ps])
-    per_class = {c.name: {**stats["per_class"][c.name], "val_threshold": c.threshold, "calibration": c.kind,
-                          "val_boxes": c.val_boxes} for c in calibration.classes}
+    per_class = {c.name: {**stats["per_class"][c.name],
+                          "val_threshold": c.reviewed.val_threshold if c.reviewed else c.threshold,
+                          "calibration": c.kind, "val_boxes": c.val_boxes,
+                          "reviewed": c.reviewed.to_dict() if c.reviewed else None} for c in calibration.classes}
     return {
         "images": stats["images"],
         "images_per_second": images_per_second,

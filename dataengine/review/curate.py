@@ -56,7 +56,7 @@ from dataengine.boxes import xyxy_to_coco
 from dataengine.data.coco import IGNORE_INDEX
 from dataengine.io import atomic_write_bytes, safe_join
 
-__all__ = ["curate", "review_metrics", "STALE_IOU", "CORRECT_IOU"]
+__all__ = ["curate", "review_metrics", "teacher_verdicts", "STALE_IOU", "CORRECT_IOU"]
 
 STALE_IOU = 0.5  # a decision's original box re-attaches to a current box of the same class at this IoU
 CORRECT_IOU = 0.5  # a correction this close to the teacher's box (same class) still counts the teacher as right
@@ -254,6 +254,38 @@ def _teacher_right(entry: Mapping[str, Any]) -> bool:
     if decision["decision"] == "correct":
         return decision["class_name"] == teacher["class_name"] and _iou(decision["bbox"], teacher["bbox"]) >= CORRECT_IOU
     return False
+
+
+def teacher_verdicts(decisions: Mapping[str, Any], records: Mapping[str, Mapping[str, Any]]) -> dict[str, bool]:
+    """Whether the teacher was right about each label a person decided on, by the label's *current* id.
+
+    A decision is re-attached to the current label as :func:`curate` does (stale decisions by class and IoU);
+    one that matches no current label says nothing about the teacher's current output and is left out. The
+    teacher was right when the label was accepted, or corrected to the same class with IoU >= ``CORRECT_IOU``
+    (as in :func:`review_metrics`). Image flags are not verdicts on single labels and are not read.
+
+    Args:
+        decisions: A validated decisions document.
+        records: The teacher's current labels by id: ``{"file_name", "bbox" (xyxy), "class_name"}``.
+
+    Returns:
+        ``{label id: right}`` for every decided label that exists now.
+
+    Example:
+        >>> rec = {"a.png#0": {"file_name": "a.png", "bbox": [0, 0, 10, 10], "class_name": "cat"}}
+        >>> teacher_verdicts({"labels": {"a.png#0": {"file_name": "a.png", "decision": "reject"}}}, rec)
+        {'a.png#0': False}
+    """
+    by_image: dict[str, list[str]] = defaultdict(list)
+    for lid, rec in records.items():
+        by_image[rec["file_name"]].append(lid)
+    out: dict[str, bool] = {}
+    for lid in sorted(decisions.get("labels", {})):
+        decision = decisions["labels"][lid]
+        target, _ = _resolve(decision, lid, records, by_image)
+        if target is not None:
+            out[target] = _teacher_right({"decision": decision, "teacher": records[target]})
+    return out
 
 
 def review_metrics(stats: Mapping[str, Any], decisions: Mapping[str, Any], curated: Mapping[str, Any]) -> dict[str, Any]:
