@@ -24,12 +24,15 @@ Needs the outputs of ``dvc repro`` up to the mine stage (data/curated, data/reba
 
 ``--oracle-review N`` measures the same variants with review input: a simulated reviewer
 (:mod:`dataengine.review.oracle`, decisions from the pool's hidden labels, ``source: simulated``) goes through the
-first N images of the review queue; the review, rebalance and mine stage scripts then re-run on those decisions
-into ``<work>/review<N>/`` and the variants train on that curated set, plan and mined negatives. Results go to
-``distill_ablation_review<N>.json`` and under ``"simulated_review"`` in ``curation_ablation.json``.
-``--oracle-review 0`` re-runs the three stages with no decisions: the plain pipeline under ``--params``. Without
-``--oracle-review`` the variants train on ``data/``, made by ``dvc repro`` with ``params.yaml``, so a ``--params``
-with other ``rebalance`` or ``mine`` settings needs ``--oracle-review 0`` to take effect.
+first N images of the review queue (with ``--oracle-audit``, the filter's audit sample first); the filter, review,
+rebalance and mine stage scripts then re-run on those decisions into ``<work>/[audit_]review<N>/``, as ``dvc repro``
+does after a pull (the filter re-calibrates classes on the decisions), and the variants train on that curated set,
+plan and mined negatives. Results go to ``distill_ablation_[audit_]review<N>.json`` and under ``"simulated_review"``
+in ``curation_ablation.json``. Runs made before 2026-11-24 did not re-run the filter: ``filter.min_reviewed_accepted:
+0`` in ``--params`` reproduces them. ``--oracle-review 0`` re-runs the four stages with no decisions: the plain
+pipeline under ``--params``. Without ``--oracle-review`` the variants train on ``data/``, made by ``dvc repro`` with
+``params.yaml``, so a ``--params`` with other ``filter``, ``rebalance`` or ``mine`` settings needs ``--oracle-review
+0`` to take effect.
 
 ``--oracle-mining`` (with ``--oracle-review``) is a diagnostic of the mining's ceiling: every confuser of the pool
 (hidden labels) is added as a region to the mine stage's output (:func:`oracle_mined`, ``<work>/review<N>/
@@ -47,6 +50,7 @@ Usage:
     python benchmarks/distill_ablation.py --oracle-review 432 --variants rebalance hard_negatives --seeds 0 1 2 3 --reuse
     python benchmarks/distill_ablation.py --oracle-review 432 --oracle-mining --variants hard_negatives --seeds 0 1 2 3
     python benchmarks/distill_ablation.py --oracle-review 432 --epochs 18 --variants rebalance hard_negatives --seeds 0 1 2 3
+    python benchmarks/distill_ablation.py --oracle-review 432 --oracle-audit --variants rebalance hard_negatives
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ from dataengine.evaluation import (
 from dataengine.inference import predict_coco
 from dataengine.io import atomic_write_json
 from dataengine.models import create_model
-from dataengine.review.oracle import simulate_review
+from dataengine.review.oracle import review_plan, simulate_review
 from dataengine.review.decisions import write_decisions
 
 VARIANTS = ("baseline", "pseudo", "distill", "rebalance", "hard_negatives")
@@ -139,21 +143,31 @@ def rarest_class(general: Path, curated: Path) -> str:
     return min(counts, key=lambda name: (counts[name], name))
 
 
-def simulated_review_inputs(n_images: int, params: str, data: Path, out: Path) -> dict[str, Any]:
-    """Simulated decisions on the first ``n_images`` queued images, then review, rebalance and mine re-run on them.
+def simulated_review_inputs(n_images: int, audit: bool, params: str, data: Path, out: Path) -> dict[str, Any]:
+    """Simulated decisions on the audit's images (``audit``) and the first ``n_images`` queued images of
+    ``data/filtered``; then filter, review, rebalance and mine re-run on them, as ``dvc repro`` does after a pull.
 
-    Returns ``{"curated", "plan", "mined", "review_stats", "mine"}`` (paths under ``out`` and what happened).
+    The filter re-calibrates classes on the decisions (``filter.min_reviewed_accepted``; 0 in ``params`` keeps the
+    val calibration, the protocol of the runs made before the filter read decisions).
+
+    Returns ``{"curated", "plan", "mined", "review_stats", "mine", "pseudo"}`` (paths under ``out`` and what happened).
     """
     out.mkdir(parents=True, exist_ok=True)
     read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
-    decisions, stats = simulate_review(read("data/filtered/review_queue.json"), read("data/filtered/accepted.json"),
+    audit_records = read("data/filtered/audit.json") if audit else []
+    records, n_total = review_plan(read("data/filtered/review_queue.json"), audit_records, n_images)
+    decisions, stats = simulate_review(records, read("data/filtered/accepted.json"),
                                        read("data/filtered/rejected.json"), read(data / "scenario/pool_hidden.json"),
-                                       n_images=n_images)
+                                       n_images=n_total)
     write_decisions(out / "decisions.json", decisions)
-    print(f"simulated review of {n_images} queued images: {stats}", flush=True)
+    print(f"simulated review of {n_total} images ({'the audit and ' if audit else ''}{n_images} queued): {stats}",
+          flush=True)
     py = sys.executable
+    filtered = out / "filtered"
     steps = [
-        [py, "pipelines/review.py", "--filtered", "data/filtered", "--pseudo", "data/pseudo", "--data", str(data),
+        [py, "pipelines/filter.py", "--params", params, "--pseudo", "data/pseudo", "--data", str(data),
+         "--decisions", str(out / "decisions.json"), "--out", str(filtered), "--metrics", str(out / "pseudo.json")],
+        [py, "pipelines/review.py", "--filtered", str(filtered), "--pseudo", "data/pseudo", "--data", str(data),
          "--decisions", str(out / "decisions.json"), "--out", str(out / "curated"), "--metrics",
          str(out / "review.json")],
         [py, "pipelines/rebalance.py", "--params", params, "--general", str(data / "general/train.json"),
@@ -161,13 +175,17 @@ def simulated_review_inputs(n_images: int, params: str, data: Path, out: Path) -
          str(out / "rebalance.json"), "--plot", str(out / "rebalance.png"), "--table", str(out / "rebalance.csv")],
         [py, "pipelines/mine.py", "--params", params, "--teacher", "models/teacher/model.pt", "--data", str(data),
          "--curated", str(out / "curated/scenario.json"), "--pseudo", "data/pseudo", "--review-queue",
-         "data/filtered/review_queue.json", "--decisions", str(out / "decisions.json"), "--out", str(out / "mined"),
+         str(filtered / "review_queue.json"), "--decisions", str(out / "decisions.json"), "--out", str(out / "mined"),
          "--metrics", str(out / "mine.json")],
     ]
     for cmd in steps:
         subprocess.run(cmd, check=True)
+    pseudo = read(out / "pseudo.json")
     return {"curated": out / "curated/scenario.json", "plan": out / "rebalance/plan.json", "mined": out / "mined",
-            "review_stats": stats, "mine": read(out / "mine.json")}
+            "review_stats": {**stats, "images": n_total}, "mine": read(out / "mine.json"),
+            "pseudo": {k: pseudo.get(k) for k in ("accepted", "review", "reviewed_labels", "true_precision",
+                                                  "true_recall")}
+            | {"calibration": {k: v["calibration"] for k, v in pseudo["per_class"].items()}}}
 
 
 def oracle_mined(mined: Path, out: Path, curated: Path, hidden: Path) -> dict[str, int]:
@@ -231,6 +249,8 @@ def main() -> int:
     parser.add_argument("--oracle-review", type=int, default=None, metavar="N",
                         help="simulate a reviewer on the first N queued images first, then re-run review, rebalance "
                              "and mine with --params (0: no decisions; see the module docstring)")
+    parser.add_argument("--oracle-audit", action="store_true",
+                        help="with --oracle-review: the simulated reviewer checks the filter's audit sample first")
     parser.add_argument("--oracle-mining", action="store_true",
                         help="with --oracle-review: add every pool confuser as a mined region (the mining's ceiling)")
     parser.add_argument("--epochs", type=int, default=0, metavar="E",
@@ -245,6 +265,8 @@ def main() -> int:
         parser.error(f"--oracle-review must be >= 0 queued images, got {args.oracle_review}")
     if args.oracle_mining and args.oracle_review is None:
         parser.error("--oracle-mining needs --oracle-review N")
+    if args.oracle_audit and args.oracle_review is None:
+        parser.error("--oracle-audit needs --oracle-review N (0: the audit only)")
     if args.epochs < 0:
         parser.error(f"--epochs must be >= 1 (or left out for distill.train.epochs), got {args.epochs}")
 
@@ -257,9 +279,10 @@ def main() -> int:
     inputs: dict[str, Any] = {"curated": Path("data/curated/scenario.json"), "plan": Path("data/rebalance/plan.json"),
                               "mined": Path("data/mined")}
     if args.oracle_review is not None:
-        inputs = simulated_review_inputs(args.oracle_review, args.params, data, work / f"review{args.oracle_review}")
-        work = work / f"review{args.oracle_review}"
-        args.out = args.out.replace(".json", f"_review{args.oracle_review}.json")
+        tag = f"{'audit_' if args.oracle_audit else ''}review{args.oracle_review}"
+        inputs = simulated_review_inputs(args.oracle_review, args.oracle_audit, args.params, data, work / tag)
+        work = work / tag
+        args.out = args.out.replace(".json", f"_{tag}.json")
         if args.oracle_mining:
             inputs["oracle_mining"] = oracle_mined(Path(inputs["mined"]), work / "mined_oracle", Path(inputs["curated"]),
                                                    data / "scenario/pool_hidden.json")
@@ -297,7 +320,8 @@ def main() -> int:
             "test_set": str(data / "scenario/test.json"), "params": str(args.params),
             "mine": dataclasses.asdict(params.mine)}
     if args.oracle_review is not None:
-        meta["simulated_review"] = {"images": args.oracle_review, "decisions": inputs["review_stats"],
+        meta["simulated_review"] = {"images": args.oracle_review, "audit": args.oracle_audit,
+                                    "decisions": inputs["review_stats"], "filter": inputs["pseudo"],
                                     "mined": {k: inputs["mine"]["total"][k] for k in
                                               ("hard_negative_images", "by_reason", "regions", "regions_by_class",
                                                "hard_pixels", "hard_pixels_by_class")}}

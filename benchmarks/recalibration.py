@@ -36,6 +36,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ from dataengine.data.layout import PreparedLayout  # noqa: E402
 from dataengine.evaluation import precision_recall_at  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
-from dataengine.review.oracle import simulate_review  # noqa: E402
+from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
 
 PLAN = re.compile(r"^(audit)?(?:\+?queue(\d+))?$")
 
@@ -60,20 +61,13 @@ def run_filter(params: Path, decisions: Path, out: Path) -> dict[str, Any]:
     return read_json(metrics)
 
 
-def plan_records(plan: str, audit: list[dict[str, Any]], queue: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records whose images the simulated reviewer goes through, in order (audit images first)."""
+def plan_records(plan: str, audit: list[dict[str, Any]], queue: list[dict[str, Any]]
+                 ) -> tuple[list[Mapping[str, Any]], int]:
+    """The records whose images the simulated reviewer goes through (audit images first), and how many images."""
     match = PLAN.match(plan)
     if not match or plan in ("", "+"):
         raise SystemExit(f"--plans: {plan!r} is not 'audit', 'queue<N>' or 'audit+queue<N>'")
-    records = list(audit) if match.group(1) else []
-    if match.group(2):
-        images: list[str] = []
-        for rec in queue:
-            if rec["file_name"] not in images:
-                images.append(rec["file_name"])
-        keep = set(images[:int(match.group(2))])
-        records += [rec for rec in queue if rec["file_name"] in keep]
-    return records
+    return review_plan(queue, audit if match.group(1) else [], int(match.group(2) or 0))
 
 
 def unreviewed_precision(filtered: Path, hidden: dict[str, Any], decisions: dict[str, Any],
@@ -133,8 +127,7 @@ def main() -> int:
 
     results: dict[str, Any] = {}
     for plan in args.plans:
-        records = plan_records(plan, audit, queue)
-        n_images = len({r["file_name"] for r in records})
+        records, n_images = plan_records(plan, audit, queue)
         decisions, stats = simulate_review(records, accepted, rejected, hidden, n_images=n_images,
                                            match_iou=match_iou)
         path = work / plan / "decisions.json"

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dataengine.config import load_params
 from dataengine.review.decisions import validate_decisions
-from dataengine.review.oracle import simulate_review
+from dataengine.review.oracle import review_plan, simulate_review
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("distill_ablation", ROOT / "benchmarks" / "distill_ablation.py")
@@ -80,6 +80,17 @@ def test_simulated_review_of_zero_images_and_unknown_image() -> None:
     hidden["images"] = hidden["images"][1:]
     with pytest.raises(KeyError, match="a.png"):
         simulate_review(queue, accepted, rejected, hidden, n_images=1)
+
+
+def test_review_plan_puts_the_audit_first_and_counts_each_image_once() -> None:
+    queue = [{"file_name": f, "id": f"{f}#{i}"} for i, f in enumerate(["q1", "q1", "a2", "q3", "q4"])]
+    audit = [{"file_name": "a1", "id": "a1#0"}, {"file_name": "a2", "id": "a2#5"}, {"file_name": "a1", "id": "a1#1"}]
+    records, n = review_plan(queue, audit, queue_images=3)
+    # Audit images a1, a2, then the queue's first three images q1, a2 (already counted), q3.
+    assert n == 4 and list(dict.fromkeys(r["file_name"] for r in records)) == ["a1", "a2", "q1", "q3"]
+    assert [r["id"] for r in records[:3]] == ["a1#0", "a2#5", "a1#1"]
+    assert review_plan(queue, [], queue_images=0) == ([], 0)
+    assert review_plan(queue, audit, queue_images=0)[1] == 2
 
 
 def test_oracle_mined_adds_every_curated_confuser_as_a_region(tmp_path):

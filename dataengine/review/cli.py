@@ -4,10 +4,11 @@
 
     dataengine review open                 # build/update the FiftyOne dataset, launch the App on 127.0.0.1
     dataengine review pull                 # FiftyOne tags and edits -> data/review/decisions.json
-    dataengine review labelstudio push     # review queue -> a Label Studio project (LABEL_STUDIO_URL / _API_KEY)
+    dataengine review labelstudio push     # review queue + audit -> Label Studio (LABEL_STUDIO_URL / _API_KEY)
     dataengine review labelstudio pull     # Label Studio annotations -> data/review/decisions.json
 
-Then ``dvc repro`` re-runs the ``review`` stage (and everything downstream) when the decisions changed.
+Then ``dvc repro`` re-runs the ``filter`` stage (which re-calibrates on the decisions) and the ``review`` stage (which
+applies them), and everything downstream, when the decisions changed.
 Each action lives in its adapter module and is imported only when run.
 """
 
@@ -23,7 +24,8 @@ ACTIONS: dict[str, tuple[str, str]] = {
     "open": ("build or update the FiftyOne dataset and launch the App", "dataengine.review.fiftyone_app:open_cli"),
     "pull": ("write the FiftyOne reviewers' tags and edits to the decisions file",
              "dataengine.review.fiftyone_app:pull_cli"),
-    "labelstudio push": ("send the review queue to a Label Studio project", "dataengine.review.labelstudio:push_cli"),
+    "labelstudio push": ("send the review queue and the audit sample to a Label Studio project",
+                         "dataengine.review.labelstudio:push_cli"),
     "labelstudio pull": ("merge the Label Studio annotations into the decisions file",
                          "dataengine.review.labelstudio:pull_cli"),
 }

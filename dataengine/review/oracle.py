@@ -37,7 +37,7 @@ from torchvision.ops import box_iou
 from dataengine.boxes import coco_to_xyxy
 from dataengine.review.decisions import empty_decisions, image_decision, label_decision, validate_decisions
 
-__all__ = ["simulate_review", "reviewable_labels", "SIMULATED_SOURCE"]
+__all__ = ["simulate_review", "reviewable_labels", "review_plan", "SIMULATED_SOURCE"]
 
 SIMULATED_SOURCE = "simulated"
 """The ``source`` of every simulated decision (people's decisions say ``fiftyone`` or ``labelstudio``)."""
@@ -60,6 +60,25 @@ def reviewable_labels(accepted: Mapping[str, Any], records: Sequence[Mapping[str
         out[rec["file_name"]].setdefault(rec["id"], {"id": rec["id"], "bbox": list(rec["bbox"]),
                                                       "class_name": rec["class_name"], "score": float(rec["score"])})
     return {name: sorted(labels.values(), key=lambda r: -r["score"]) for name, labels in out.items()}
+
+
+def review_plan(queue: Sequence[Mapping[str, Any]], audit: Sequence[Mapping[str, Any]],
+                queue_images: int) -> tuple[list[Mapping[str, Any]], int]:
+    """What a reviewer goes through: the audit's images (if any), then the first ``queue_images`` queued images.
+
+    Returns:
+        ``(records, n_images)`` to pass to :func:`simulate_review` as ``queue`` and ``n_images``.
+
+    Example:
+        >>> queue = [{"file_name": "q1"}, {"file_name": "a1"}, {"file_name": "q2"}]
+        >>> records, n = review_plan(queue, [{"file_name": "a1"}], queue_images=2)
+        >>> [r["file_name"] for r in records], n
+        (['a1', 'q1', 'a1'], 2)
+    """
+    images = list(dict.fromkeys(r["file_name"] for r in queue))[:queue_images]
+    keep = set(images)
+    records = [*audit, *(r for r in queue if r["file_name"] in keep)]
+    return records, len({r["file_name"] for r in records})
 
 
 def _truth_by_image(hidden: Mapping[str, Any]) -> dict[str, list[tuple[list[float], str]]]:
