@@ -487,6 +487,7 @@ def test_first_hour(tmp_path, ls_binary):
     finally:
         term.close()
         _stop_fiftyone_db(home)
+        _delete_leaked_dataset(dataset)
     print(f"walkthrough: {time.monotonic() - started:.0f} s; per block {timings}")
 
 
@@ -497,6 +498,19 @@ def _pid_alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as fh:  # a zombie (exited, not yet reaped) counts as stopped
         return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _delete_leaked_dataset(name: str) -> None:
+    """Delete the walkthrough's dataset from this process's FiftyOne database, if it landed there.
+
+    The walkthrough runs under its own HOME, but FiftyOne connects to a ``mongod`` that is already running (the one
+    the review tests of this session started) rather than start one for that HOME, so the README's persistent
+    dataset would otherwise stay in the developer's database after every run.
+    """
+    import fiftyone as fo
+
+    if name in fo.list_datasets():
+        fo.delete_dataset(name)
 
 
 def _stop_fiftyone_db(home: Path) -> None:
