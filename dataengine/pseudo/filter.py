@@ -103,6 +103,7 @@ from dataengine.data.coco import IGNORE_INDEX, CategoryMap, load_coco
 from dataengine.evaluation import precision_recall_at
 from dataengine.io import atomic_write_bytes, safe_join
 from dataengine.pseudo.calibrate import Calibration, ValBoxes, check_predictions, select_threshold
+from dataengine.review.inputs import accepted_records
 
 __all__ = [
     "SEMANTIC_ROOT",
@@ -419,17 +420,10 @@ def audit_sample(accepted_coco: dict[str, Any], per_class: int, seed: int) -> li
         [('cat', 0), ('dog', 1), ('cat', 2)]
     """
     cats = CategoryMap.from_coco(accepted_coco)
-    images = {img["id"]: img for img in accepted_coco["images"]}
     by_label: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for ann in accepted_coco["annotations"]:
-        label = cats.ids.index(ann["category_id"])
-        img = images[ann["image_id"]]
-        x, y, w, h = ann["bbox"]
-        by_label[label].append({"id": ann["pseudo_id"], "file_name": img["file_name"], "width": img["width"],
-                                "height": img["height"], "bbox": [x, y, x + w, y + h], "label": label,
-                                "category_id": ann["category_id"], "class_name": cats.names[label],
-                                "score": ann["score"], "probability": ann["probability"],
-                                "consistency": ann["consistency"]})
+    for rec in accepted_records(accepted_coco):
+        label = cats.ids.index(rec["category_id"])
+        by_label[label].append({**rec, "label": label})
     drawn = [sorted(by_label[k], key=lambda r: _audit_key(seed, r["id"]))[:per_class] for k in range(len(cats.ids))]
     round_robin = [d[j] for j in range(max((len(d) for d in drawn), default=0)) for d in drawn if len(d) > j]
     return [{**rec, "audit_rank": rank} for rank, rec in enumerate(round_robin)]
