@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from dataengine.config import load_params  # noqa: E402
 from dataengine.data.layout import PreparedLayout  # noqa: E402
-from dataengine.evaluation import precision_recall_at  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
+from dataengine.pseudo.filter import diagnostic_metrics  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
 
@@ -70,26 +70,17 @@ def plan_records(plan: str, audit: list[dict[str, Any]], queue: list[dict[str, A
     return review_plan(queue, audit if match.group(1) else [], int(match.group(2) or 0))
 
 
-def unreviewed_precision(filtered: Path, hidden: dict[str, Any], decisions: dict[str, Any],
-                         match_iou: float) -> dict[str, float | None]:
-    """True precision of the accepted labels in images nobody reviewed (the part the review did not touch)."""
+def unreviewed_precision(filtered: Path, hidden_path: Path, decisions: dict[str, Any],
+                         match_iou: float) -> dict[str, Any]:
+    """True precision of the accepted labels in images nobody reviewed (the part the review did not touch): the
+    filter's own diagnostic (:func:`~dataengine.pseudo.filter.diagnostic_metrics`) on the unreviewed images only."""
     accepted = read_json(filtered / "accepted.json")
     reviewed = {d["file_name"] for d in decisions["labels"].values()} | set(decisions["images"])
     keep = {img["id"] for img in accepted["images"] if img["file_name"] not in reviewed}
-    names = {img["file_name"]: img["id"] for img in accepted["images"]}
-    hidden_names = {img["id"]: img["file_name"] for img in hidden["images"]}
-    cat_by_name = {c["name"]: c["id"] for c in accepted["categories"]}
-    hidden_cat = {c["id"]: cat_by_name[c["name"]] for c in hidden["categories"]}
-    gt = {"images": [{"id": i} for i in keep], "categories": accepted["categories"],
-          "annotations": [{"id": k, "image_id": names[hidden_names[a["image_id"]]],
-                           "category_id": hidden_cat[a["category_id"]], "bbox": a["bbox"], "iscrowd": 0}
-                          for k, a in enumerate(hidden["annotations"], start=1)
-                          if names.get(hidden_names[a["image_id"]]) in keep]}
-    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": a["probability"]}
-            for a in accepted["annotations"] if a["image_id"] in keep]
-    result = precision_recall_at(gt, dets, iou=match_iou)
-    return {**{k: v["precision"] for k, v in result["per_class"].items()}, "overall": result["precision"],
-            "labels": len(dets)}
+    unreviewed = {**accepted, "images": [img for img in accepted["images"] if img["id"] in keep],
+                  "annotations": [a for a in accepted["annotations"] if a["image_id"] in keep]}
+    diagnostic = diagnostic_metrics(unreviewed, [], hidden_path, match_iou, {})
+    return {**diagnostic["true_precision"], "labels": len(unreviewed["annotations"])}
 
 
 def summarise(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +126,8 @@ def main() -> int:
         after = run_filter(ROOT / args.params, path, work / plan)
         results[plan] = {"reviewed_images": n_images, "reviewed_labels": after["reviewed_labels"],
                          "simulated_decisions": stats, "after": summarise(after),
-                         "after_unreviewed_true_precision": unreviewed_precision(work / plan / "filtered", hidden,
+                         "after_unreviewed_true_precision": unreviewed_precision(work / plan / "filtered",
+                                                                                 layout.pool_hidden,
                                                                                  decisions, match_iou)}
         line = ", ".join(f"{k} {v['true_precision']:.3f} ({v['accepted']})" for k, v in results[plan]["after"].items()
                          if v["true_precision"] is not None)
