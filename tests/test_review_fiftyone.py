@@ -425,6 +425,40 @@ def test_open_cli_no_launch_prints_counts_and_views(tree, dataset_name, tmp_path
     assert "4 samples (0 new, 0 removed)" in capsys.readouterr().out
 
 
+BAD_OUTPUTS = {  # defect -> (how to make it, what the error line must say)
+    "missing": (lambda f: (f / "rejected.json").unlink(), "rejected.json not found: run `dvc repro filter` first"),
+    "not_json": (lambda f: (f / "review_queue.json").write_text("[{"), "review_queue.json: not valid JSON (line 1"),
+    "audit_not_accepted": (None, "audit label 'a.png#1' is not an accepted label"),
+}
+
+
+@pytest.mark.parametrize("defect", list(BAD_OUTPUTS))
+def test_open_cli_bad_pipeline_output_is_one_error_line_and_builds_nothing(tmp_path, dataset_name, capsys, defect):
+    break_it, expected = BAD_OUTPUTS[defect]
+    tree = make_review_tree(tmp_path / "tree", audit=["a.png#1"] if defect == "audit_not_accepted" else None)
+    if break_it is not None:
+        break_it(tree["filtered"])
+    params = tmp_path / "params.yaml"
+    params.write_text(f"review:\n  dataset_name: {dataset_name}\n")
+    assert fa.open_cli(["--params", str(params), "--filtered", str(tree["filtered"]), "--pseudo", str(tree["pseudo"]),
+                        "--data", str(tree["prepared"]), "--no-launch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not fo.dataset_exists(dataset_name)
+
+
+def test_pull_cli_corrupt_decisions_file_is_one_error_line_and_kept(tree, dataset_name, tmp_path, capsys):
+    _build(tree, dataset_name)
+    tree["decisions"].parent.mkdir(parents=True, exist_ok=True)
+    tree["decisions"].write_text('{"labels": ')
+    params = tmp_path / "params.yaml"
+    params.write_text(f"review:\n  dataset_name: {dataset_name}\n")
+    assert fa.pull_cli(["--params", str(params), "--decisions", str(tree["decisions"])]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tree['decisions']}: not valid JSON") and err.count("\n") == 1, err
+    assert tree["decisions"].read_text() == '{"labels": '  # the reviewer's file is left for them to fix
+
+
 def test_help_documents_reviewer_conventions(capsys):
     with pytest.raises(SystemExit):
         fa.open_cli(["--help"])

@@ -282,6 +282,18 @@ def test_cli_missing_env_is_one_line_and_touches_nothing(tmp_path, capsys):
     assert not paths["decisions"].exists()
 
 
+def test_cli_audit_out_of_step_with_accepted_is_one_line_and_touches_nothing(tmp_path, capsys):
+    """The error comes from reading the pipeline's outputs, before any server is contacted (none is set here)."""
+    paths = make_review_tree(tmp_path, audit=["a.png#1"])  # a review-band label: the filter outputs disagree
+    args = _cli_args(paths, _params(tmp_path / "params.yaml", "dataengine review"))
+    for action in (lsmod.push_cli, lsmod.pull_cli):
+        assert action(args) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "audit label 'a.png#1' is not an accepted label" in err and "dvc repro filter" in err
+    assert not paths["decisions"].exists()
+
+
 def test_review_cli_labelstudio_alone_lists_its_actions(capsys):
     from dataengine.review.cli import review_cli
 

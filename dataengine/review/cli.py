@@ -18,7 +18,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-__all__ = ["review_cli", "add_common_args"]
+__all__ = ["review_cli", "add_common_args", "run_action"]
 
 ACTIONS: dict[str, tuple[str, str]] = {
     "open": ("build or update the FiftyOne dataset and launch the App", "dataengine.review.fiftyone_app:open_cli"),
@@ -40,6 +40,24 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="data/prepared", help="prepare stage output (default: %(default)s)")
     parser.add_argument("--decisions", default="data/review/decisions.json",
                         help="the versioned decisions file (default: %(default)s)")
+
+
+def run_action(body: Callable[[], int], *errors: type[Exception]) -> int:
+    """Run a review action's body; an expected error becomes one ``error: ...`` line on stderr and exit code 1.
+
+    Expected: a missing or unreadable pipeline output, a bad decisions or params file (their messages name the file
+    and what to do), plus the action's own ``errors`` (a Label Studio connection, say). Anything else is a bug and
+    keeps its traceback.
+    """
+    from dataengine.config import ParamsError  # noqa: PLC0415 (lazy: `dataengine --help` stays fast)
+    from dataengine.review.decisions import DecisionsError  # noqa: PLC0415
+    from dataengine.review.inputs import ReviewInputsError  # noqa: PLC0415
+
+    try:
+        return body()
+    except (FileNotFoundError, ParamsError, DecisionsError, ReviewInputsError, *errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def _resolve(target: str) -> Callable[[list[str]], int]:

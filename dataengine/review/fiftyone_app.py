@@ -697,8 +697,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def open_cli(argv: Sequence[str]) -> int:
     """``dataengine review open``: build/update the dataset, save the views, launch the App (see ``--help``)."""
-    from dataengine.review.cli import add_common_args  # noqa: PLC0415 (cli imports adapters lazily; no cycle)
-    from dataengine.review.inputs import load_review_inputs  # noqa: PLC0415
+    from dataengine.review.cli import add_common_args, run_action  # noqa: PLC0415 (cli imports adapters lazily)
 
     parser = argparse.ArgumentParser(
         prog="dataengine review open", description="Build or update the FiftyOne review dataset from the pipeline's "
@@ -717,6 +716,12 @@ def open_cli(argv: Sequence[str]) -> int:
     parser.add_argument("--mined", help="mine stage output (hard_negatives.json, maps/); default: mined/ beside "
                         "--filtered (data/mined); shown as the view mined_hard_negatives when it exists")
     args = parser.parse_args(list(argv))
+    return run_action(lambda: _open(args))
+
+
+def _open(args: argparse.Namespace) -> int:
+    from dataengine.review.inputs import load_review_inputs  # noqa: PLC0415
+
     params = _review_params(args.params)
     name = args.dataset or params.dataset_name
     inputs = load_review_inputs(args.filtered, args.pseudo, args.data)
@@ -779,7 +784,7 @@ def serve(session: Any) -> int:
 
 def pull_cli(argv: Sequence[str]) -> int:
     """``dataengine review pull``: the reviewers' tags and edits in FiftyOne -> the decisions file."""
-    from dataengine.review.cli import add_common_args  # noqa: PLC0415
+    from dataengine.review.cli import add_common_args, run_action  # noqa: PLC0415
 
     parser = argparse.ArgumentParser(
         prog="dataengine review pull", description="Write the FiftyOne reviewers' tags and edits to the decisions "
@@ -788,6 +793,10 @@ def pull_cli(argv: Sequence[str]) -> int:
     add_common_args(parser)
     parser.add_argument("--dataset", help="dataset name (default: review.dataset_name in --params)")
     args = parser.parse_args(list(argv))
+    return run_action(lambda: _pull(args))
+
+
+def _pull(args: argparse.Namespace) -> int:
     name = args.dataset or _review_params(args.params).dataset_name
     if not fo.dataset_exists(name):
         print(f"dataengine review pull: no FiftyOne dataset {name!r}: run `dataengine review open` first",

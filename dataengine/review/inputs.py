@@ -33,7 +33,11 @@ from dataengine.boxes import coco_to_xyxy
 from dataengine.data.layout import PreparedLayout
 from dataengine.io import read_json
 
-__all__ = ["ReviewInputs", "load_review_inputs", "accepted_records"]
+__all__ = ["ReviewInputs", "ReviewInputsError", "load_review_inputs", "accepted_records"]
+
+
+class ReviewInputsError(ValueError):
+    """A pipeline output the review tools read is unreadable or out of step with the others (the message names it)."""
 
 
 @dataclass
@@ -94,16 +98,23 @@ def accepted_records(accepted_coco: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def _read(path: Path) -> Any:
+    try:
+        return read_json(path)
+    except ValueError as err:  # read_json's message names the file, line and column
+        raise ReviewInputsError(f"{err}: re-run the stage that writes it (`dvc repro`)") from None
+
+
 def _audit_records(path: Path, accepted_ids: set[str]) -> list[dict[str, Any]]:
     """The audit file's records in ``audit_rank`` order, each checked to be an accepted label.
 
     Raises:
-        ValueError: A record's id is not an accepted label id (the file names it).
+        ReviewInputsError: A record's id is not an accepted label id (the message names the file).
     """
-    audit = read_json(path)
+    audit = _read(path)
     for record in audit:
         if record["id"] not in accepted_ids:
-            raise ValueError(f"{path}: audit label {record['id']!r} is not an accepted label (accepted.json has no "
+            raise ReviewInputsError(f"{path}: audit label {record['id']!r} is not an accepted label (accepted.json has no "
                              "annotation with that pseudo_id): the filter outputs are out of step, re-run "
                              "`dvc repro filter`")
     return sorted(audit, key=lambda r: r["audit_rank"])
@@ -116,7 +127,7 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
 
     Raises:
         FileNotFoundError: A required output is missing; the message names it and the stage that writes it.
-        ValueError: An audit label is not an accepted label.
+        ReviewInputsError: An output is not valid JSON, or an audit label is not an accepted label.
     """
     filtered, pseudo, layout = Path(filtered), Path(pseudo), PreparedLayout(prepared)
     needed = {
@@ -128,8 +139,8 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
     for path, stage in needed.items():
         if not path.exists():
             raise FileNotFoundError(f"{path} not found: run `dvc repro {stage}` first")
-    accepted_coco = read_json(filtered / "accepted.json")
-    predictions = read_json(pseudo / "pool" / "predictions.json")
+    accepted_coco = _read(filtered / "accepted.json")
+    predictions = _read(pseudo / "pool" / "predictions.json")
     class_names = list(predictions["class_names"])
     category_ids = list(predictions["category_ids"])
     name_of = dict(zip(category_ids, class_names))
@@ -155,8 +166,8 @@ def load_review_inputs(filtered: str | Path, pseudo: str | Path, prepared: str |
         pool_root=layout.pool_images,
         images=images,
         accepted=accepted,
-        review=read_json(filtered / "review_queue.json"),
-        rejected=read_json(filtered / "rejected.json"),
+        review=_read(filtered / "review_queue.json"),
+        rejected=_read(filtered / "rejected.json"),
         raw=raw,
         seg_root=pseudo / "pool",
         semantic_root=semantic_root,

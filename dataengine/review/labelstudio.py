@@ -53,8 +53,8 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 from dataengine.boxes import percent_xywh_to_xyxy, xyxy_to_percent_xywh
+from dataengine.review.cli import add_common_args, run_action
 from dataengine.review.decisions import (
-    DecisionsError,
     format_time,
     image_decision,
     label_decision,
@@ -726,8 +726,6 @@ _ENV_HELP = (f"The server comes from {URL_ENV} (e.g. http://127.0.0.1:8080) and 
 
 
 def _parser(action: str, description: str) -> argparse.ArgumentParser:
-    from dataengine.review.cli import add_common_args
-
     parser = argparse.ArgumentParser(prog=f"dataengine review labelstudio {action}", description=description,
                                      epilog=_ENV_HELP)
     add_common_args(parser)
@@ -741,16 +739,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     params = load_params(args.params, ["review"]).review.labelstudio
     inputs = load_review_inputs(args.filtered, args.pseudo, args.data)
     return inputs, params
-
-
-def _run(body: Any) -> int:
-    from dataengine.config import ParamsError
-
-    try:
-        return body()
-    except (LabelStudioError, DecisionsError, ParamsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
 
 
 def push_cli(argv: list[str]) -> int:
@@ -777,7 +765,7 @@ def push_cli(argv: list[str]) -> int:
               + (f", {stats['stale']} no longer pushed (kept)" if stats["stale"] else ""))
         return 0
 
-    return _run(body)
+    return run_action(body, LabelStudioError)
 
 
 def pull_cli(argv: list[str]) -> int:
@@ -801,4 +789,4 @@ def pull_cli(argv: list[str]) -> int:
               + f"; {args.decisions} {'updated' if stats['changed'] else 'unchanged'}")
         return 0
 
-    return _run(body)
+    return run_action(body, LabelStudioError)
