@@ -10,7 +10,8 @@ Trains the same student (``--student``, default the first of ``params.distill.st
     hard_negatives   + the mine stage's hard regions and pixels, and segmentation OHEM (= the ``distill`` stage)
 
 and scores each on the scenario test set: mAP, AP50, per-class AP, mIoU, confuser false positives per image
-(score >= 0.3, see :func:`dataengine.evaluation.confuser_false_positives`), and confuser false positives at matched
+(score >= :data:`FP_SCORE` 0.3, see :func:`dataengine.evaluation.confuser_false_positives`) with the recall of the
+test objects at that score, and confuser false positives at matched
 recall (:data:`MATCHED_RECALL` of the test objects, each model at its own threshold,
 :func:`dataengine.evaluation.confuser_false_positives_at_recall`: a model that is merely less confident everywhere
 gains nothing there). Variants before ``hard_negatives`` run
@@ -82,6 +83,7 @@ from dataengine.evaluation import (
     confuser_false_positives,
     confuser_false_positives_at_recall,
     evaluate_detection,
+    match_predictions,
 )
 from dataengine.inference import predict_coco
 from dataengine.io import atomic_write_json
@@ -91,6 +93,7 @@ from dataengine.review.decisions import write_decisions
 
 VARIANTS = ("baseline", "pseudo", "distill", "rebalance", "hard_negatives")
 MATCHED_RECALL = 0.75  # confuser FPs are also read where each model finds 75 % of the test objects (see score())
+FP_SCORE = 0.3  # the fixed score threshold of the confuser FP count; the recall of real objects there is reported too
 NO_KD = DistillLossParams(cls_kd=0.0, box_kd=0.0, feature=0.0, seg_kd=0.0)
 
 
@@ -124,7 +127,12 @@ def score(checkpoint: Path, data: Path) -> dict[str, Any]:
     results, meter = predict_coco(model, test, data / "scenario/test", input_size=int(ckpt["input_size"]))
     det = evaluate_detection(test, results)
     out = {k: det[k] for k in ("mAP", "AP50", "per_class_AP")}
-    out["confuser_fp_per_image"] = confuser_false_positives(test, results)["confuser_fp_per_image"]
+    out["confuser_fp_per_image"] = confuser_false_positives(test, results, score_threshold=FP_SCORE)[
+        "confuser_fp_per_image"]
+    # What the fixed threshold costs in real objects: a less confident model also finds fewer of them there.
+    n_gt = sum(1 for ann in test["annotations"] if not ann.get("iscrowd", 0))
+    hits = sum(m and p["score"] >= FP_SCORE for p, m in zip(results, match_predictions(test, results)))
+    out["recall_at_fp_score"] = round(hits / n_gt, 4) if n_gt else None
     at = confuser_false_positives_at_recall(test, results, MATCHED_RECALL)
     out["confuser_fp_at_recall"] = at["confuser_fp_per_image"]
     out["score_threshold_at_recall"] = at["score_threshold"]
@@ -225,8 +233,8 @@ def oracle_mined(mined: Path, out: Path, curated: Path, hidden: Path) -> dict[st
 
 def mean_over_seeds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "confuser_fp_at_recall", "score_threshold_at_recall",
-                "train_seconds"):
+    for key in ("mAP", "AP50", "mIoU", "confuser_fp_per_image", "recall_at_fp_score", "confuser_fp_at_recall",
+                "score_threshold_at_recall", "train_seconds"):
         values = [r[key] for r in runs if r.get(key) is not None]
         out[key] = round(statistics.fmean(values), 4) if values else None
         if len(values) > 1:
@@ -342,6 +350,8 @@ def main() -> int:
                          "confuser_fp_at_recall_with": at_with,
                          "confuser_fp_at_recall_reduction": round(1 - at_with / at_without, 4) if at_without else None,
                          "AP50_without": results["rebalance"]["AP50"], "AP50_with": results["hard_negatives"]["AP50"],
+                         "recall_at_fp_score_without": results["rebalance"].get("recall_at_fp_score"),
+                         "recall_at_fp_score_with": results["hard_negatives"].get("recall_at_fp_score"),
                          "confuser_fp_reduction": round(1 - with_ / without, 4) if without else None})
     if curation and not args.oracle_mining:
         curation.update({"comparison": {"rebalancing": "variant 'distill' (without) vs 'rebalance' (with)",
