@@ -38,12 +38,12 @@ def test_every_shipped_profile_validates(profile: Path) -> None:
 def test_reviewed_profile_is_the_measured_configuration() -> None:
     """The README's and curation_ablation.json's numbers for this profile were measured with exactly these values."""
     assert profile_overrides(ROOT / "profiles/reviewed.yaml", ROOT / "params.yaml") == {
-        "distill.train.epochs": 24, "distill.train.eval_every": 6, "mine.score_threshold": 0.3,
-        "mine.negative_weight": 10.0}
+        "distill.train.epochs": 24, "distill.train.eval_every": 6, "mine.score_threshold": 0.3}
     measured = json.loads((ROOT / "benchmarks/results/curation_ablation.json").read_text())[
-        "simulated_review_audit_epochs24_negative_weight_10_mine_score_0.3"]
+        "simulated_review_audit_epochs24_mine_score_0.3"]
     assert measured["budget_images"] == 24 * yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["epoch_size"]
-    assert (measured["mine"]["score_threshold"], measured["mine"]["negative_weight"]) == (0.3, 10.0)
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())["mine"]
+    assert measured["mine"] == {**base, "score_threshold": 0.3}
 
 
 def test_bad_profile_names_key_and_files(tmp_path: Path) -> None:
