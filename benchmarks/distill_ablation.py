@@ -83,7 +83,7 @@ from dataengine.evaluation import (
     confuser_false_positives,
     confuser_false_positives_at_recall,
     evaluate_detection,
-    match_predictions,
+    precision_recall_at,
 )
 from dataengine.inference import predict_coco
 from dataengine.io import atomic_write_json
@@ -130,9 +130,8 @@ def score(checkpoint: Path, data: Path) -> dict[str, Any]:
     out["confuser_fp_per_image"] = confuser_false_positives(test, results, score_threshold=FP_SCORE)[
         "confuser_fp_per_image"]
     # What the fixed threshold costs in real objects: a less confident model also finds fewer of them there.
-    n_gt = sum(1 for ann in test["annotations"] if not ann.get("iscrowd", 0))
-    hits = sum(m and p["score"] >= FP_SCORE for p, m in zip(results, match_predictions(test, results)))
-    out["recall_at_fp_score"] = round(hits / n_gt, 4) if n_gt else None
+    recall = precision_recall_at(test, [p for p in results if p["score"] >= FP_SCORE])["recall"]
+    out["recall_at_fp_score"] = round(recall, 4) if recall is not None else None
     at = confuser_false_positives_at_recall(test, results, MATCHED_RECALL)
     out["confuser_fp_at_recall"] = at["confuser_fp_per_image"]
     out["score_threshold_at_recall"] = at["score_threshold"]

@@ -114,9 +114,9 @@ def _audit_records(path: Path, accepted_ids: set[str]) -> list[dict[str, Any]]:
     audit = _read(path)
     for record in audit:
         if record["id"] not in accepted_ids:
-            raise ReviewInputsError(f"{path}: audit label {record['id']!r} is not an accepted label (accepted.json has no "
-                             "annotation with that pseudo_id): the filter outputs are out of step, re-run "
-                             "`dvc repro filter`")
+            raise ReviewInputsError(f"{path}: audit label {record['id']!r} is not an accepted label (accepted.json "
+                                    "has no annotation with that pseudo_id): the filter outputs are out of step, "
+                                    "re-run `dvc repro filter`")
     return sorted(audit, key=lambda r: r["audit_rank"])
 
 
