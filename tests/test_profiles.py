@@ -38,10 +38,10 @@ def test_every_shipped_profile_validates(profile: Path) -> None:
 def test_reviewed_profile_is_the_measured_configuration() -> None:
     """The README's and curation_ablation.json's numbers for this profile were measured with exactly these values."""
     assert profile_overrides(ROOT / "profiles/reviewed.yaml", ROOT / "params.yaml") == {
-        "distill.train.epochs": 24, "distill.train.eval_every": 6, "mine.score_threshold": 0.3}
+        "distill.train.epochs": 36, "distill.train.eval_every": 6, "mine.score_threshold": 0.3}
     measured = json.loads((ROOT / "benchmarks/results/curation_ablation.json").read_text())[
-        "simulated_review_audit_epochs24_mine_score_0.3"]
-    assert measured["budget_images"] == 24 * yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["epoch_size"]
+        "simulated_review_audit_epochs36_mine_score_0.3"]
+    assert measured["budget_images"] == 36 * yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["epoch_size"]
     base = yaml.safe_load((ROOT / "params.yaml").read_text())["mine"]
     assert measured["mine"] == {**base, "score_threshold": 0.3}
 
