@@ -44,7 +44,7 @@ from dataengine.data.coco import CategoryMap, load_coco
 from dataengine.data.layout import PreparedLayout
 from dataengine.io import atomic_write_json
 from dataengine.pseudo.calibrate import Calibration, fit_calibration, load_predictions, match_val_predictions
-from dataengine.pseudo.filter import diagnostic_metrics, filter_pseudo_labels
+from dataengine.pseudo.filter import diagnostic_metrics, filter_pseudo_labels, pseudo_metrics
 
 
 def em_prior(probability: np.ndarray, prior_val: float, iterations: int = 1000, tol: float = 1e-9) -> float | None:
@@ -109,33 +109,33 @@ class Shifted:
         return getattr(self.base, name)
 
 
-def score_filter(pool: dict[str, Any], calibration: Any, params: Any, hidden: Any) -> dict[str, Any]:
-    """The stage's bands under ``calibration`` with per-class counts, estimated and true precision, true recall."""
-    categories = CategoryMap.from_names(pool["class_names"])
-    accepted, review, _, stats = filter_pseudo_labels(pool, calibration, params, categories)
-    estimated = {}
-    for name, cid in zip(categories.names, categories.ids):
-        p = [a["probability"] for a in accepted["annotations"] if a["category_id"] == cid]
-        estimated[name] = float(np.mean(p)) if p else None
+def score_filter(pool: dict[str, Any], calibration: Any, params: Any,
+                 hidden: Any) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The stage's bands under ``calibration``: a summary (per-class counts, the stage's estimated precision, true
+    precision and recall), the accepted COCO dict and the review queue."""
+    accepted, review, _, stats = filter_pseudo_labels(pool, calibration, params,
+                                                      CategoryMap.from_names(pool["class_names"]))
+    estimated = pseudo_metrics(stats, accepted, calibration, None)["estimated_precision"]
     truth = diagnostic_metrics(accepted, review, hidden, params.match_iou, estimated)
-    return {"accepted": stats["accepted"], "review": stats["review"],
-            "per_class": {name: {"accepted": stats["per_class"][name]["accepted"],
-                                 "review": stats["per_class"][name]["review"],
-                                 "estimated_precision": estimated[name],
-                                 "true_precision": truth["true_precision"][name],
-                                 "true_recall": truth["true_recall"][name]} for name in categories.names},
-            "true_precision": truth["true_precision"]["overall"], "true_recall": truth["true_recall"]["overall"]}
+    summary = {"accepted": stats["accepted"], "review": stats["review"],
+               "per_class": {name: {"accepted": stats["per_class"][name]["accepted"],
+                                    "review": stats["per_class"][name]["review"],
+                                    "estimated_precision": estimated[name],
+                                    "true_precision": truth["true_precision"][name],
+                                    "true_recall": truth["true_recall"][name]} for name in pool["class_names"]},
+               "true_precision": truth["true_precision"]["overall"], "true_recall": truth["true_recall"]["overall"]}
+    return summary, accepted, review
 
 
-def true_prior(pool: dict[str, Any], calibration: Calibration, params: Any, hidden: Any) -> dict[str, float | None]:
+def true_prior(accepted: dict[str, Any], review: list[dict[str, Any]], hidden: Any,
+               match_iou: float) -> dict[str, float | None]:
     """Per class, the true precision of the EM population (accepted + review boxes, matched together; diagnostic)."""
-    accepted, review, _, _ = filter_pseudo_labels(pool, calibration, params, CategoryMap.from_names(pool["class_names"]))
     image_id = {img["file_name"]: img["id"] for img in accepted["images"]}
     extra = [{"id": len(accepted["annotations"]) + i + 1, "image_id": image_id[r["file_name"]],
               "category_id": r["category_id"], "bbox": [float(v) for v in xyxy_to_coco(r["bbox"])],
               "probability": r["probability"]} for i, r in enumerate(review)]
     both = {**accepted, "annotations": accepted["annotations"] + extra}
-    return diagnostic_metrics(both, [], hidden, params.match_iou, {})["true_precision"]
+    return diagnostic_metrics(both, [], hidden, match_iou, {})["true_precision"]
 
 
 def main() -> int:
@@ -160,8 +160,8 @@ def main() -> int:
     p_pool = calibration.probability(labels, np.array([b["score"] for b in pool["boxes"]]),
                                      np.array([b["consistency"] for b in pool["boxes"]]))
 
-    plain = score_filter(pool, calibration, params, layout.pool_hidden)
-    truth = true_prior(pool, calibration, params, layout.pool_hidden)
+    plain, accepted, review = score_filter(pool, calibration, params, layout.pool_hidden)
+    truth = true_prior(accepted, review, layout.pool_hidden, params.match_iou)
     classes, priors = {}, []
     for k, name in enumerate(pool["class_names"]):
         in_val = (val.labels == k) & (p_val >= floor)
@@ -175,7 +175,7 @@ def main() -> int:
                          "true_prior": truth[name]}
         print(f"{name}: val prior {prior_val} ({int(in_val.sum())} boxes), pool EM prior {prior}, true {truth[name]} "
               f"({len(pool_p)} boxes); accepted {band['accepted']} at true precision {band['true_precision']}")
-    shifted = score_filter(pool, Shifted(calibration, priors), params, layout.pool_hidden)
+    shifted, _, _ = score_filter(pool, Shifted(calibration, priors), params, layout.pool_hidden)
     for name in classes:
         print(f"{name}: accepted {plain['per_class'][name]['accepted']} -> {shifted['per_class'][name]['accepted']}, "
               f"true precision {plain['per_class'][name]['true_precision']} -> "
