@@ -8,8 +8,8 @@ val never shows (README, "Not yet good enough"). The textbook fix without labels
 It assumes ``p(score | correct)`` and ``p(score | wrong)`` are the same in both domains, so that only the share
 ``pi`` of right boxes changes. Per class, EM then finds the pool's ``pi``: posteriors rescaled by
 ``(pi / pi_val, (1 - pi) / (1 - pi_val))``, and ``pi`` set to their mean, until it converges. The EM population is the
-boxes with ``p >= filter.review_min_probability`` (the bands a person or the students see), on val and on the pool
-alike.
+boxes with ``p >= filter.review_min_probability``: on the pool, the filter's accepted and review bands (what a person
+or the students see); on val, the teacher's val boxes in that range.
 
 This script fits the stage's calibration and runs EM per class. It then runs the stage's own
 :func:`~dataengine.pseudo.filter.filter_pseudo_labels` twice, with the val-calibrated probabilities and with the
@@ -156,17 +156,18 @@ def main() -> int:
     calibration = fit_calibration(val, pool["class_names"], params)
     floor = params.review_min_probability
     p_val = calibration.probability(val.labels, val.scores, val.consistency)
-    labels = np.array([b["label"] for b in pool["boxes"]], dtype=np.int64)
-    p_pool = calibration.probability(labels, np.array([b["score"] for b in pool["boxes"]]),
-                                     np.array([b["consistency"] for b in pool["boxes"]]))
 
     plain, accepted, review = score_filter(pool, calibration, params, layout.pool_hidden)
     truth = true_prior(accepted, review, layout.pool_hidden, params.match_iou)
+    # The pool's EM population is the one true_prior scores: the accepted and review bands (p >= floor after the
+    # filter's size, NMS and per-image cap).
+    categories = CategoryMap.from_coco(accepted)
     classes, priors = {}, []
     for k, name in enumerate(pool["class_names"]):
         in_val = (val.labels == k) & (p_val >= floor)
         prior_val = float(p_val[in_val].mean()) if in_val.any() else None
-        pool_p = p_pool[(labels == k) & (p_pool >= floor)]
+        pool_p = np.array([a["probability"] for a in accepted["annotations"] if a["category_id"] == categories.ids[k]]
+                          + [r["probability"] for r in review if r["label"] == k])
         prior = em_prior(pool_p, prior_val) if prior_val is not None else None
         priors.append(None if prior is None else (prior, prior_val))
         band = plain["per_class"][name]
@@ -182,7 +183,7 @@ def main() -> int:
               f"{shifted['per_class'][name]['true_precision']}")
     result = {
         "benchmark": "prior_shift", "date": datetime.date.today().isoformat(), "platform": platform.platform(),
-        "population": f"boxes with calibrated p >= filter.review_min_probability ({floor}), val and pool",
+        "population": f"calibrated p >= filter.review_min_probability ({floor}): val boxes; pool accepted + review bands",
         "classes": classes, "val_calibrated": plain, "prior_shifted": shifted,
     }
     atomic_write_json(args.out, result)
