@@ -80,6 +80,8 @@ class DemoParams:
     n_val: int = _range(1, None, default=150)
     n_pool: int = _range(1, None, default=600)
     n_test: int = _range(1, None, default=150)
+    # Mean confusers (look-alikes, unlabelled background) per general train/val image; 0 keeps them scenario-only.
+    general_confuser_rate: float = _range(0.0, 3.0, default=0.0)
 
 
 @dataclass(frozen=True)

@@ -208,3 +208,24 @@ def test_cli_writes_a_dataset_and_refuses_out_of_range_values(tmp_path: Path, ca
     assert demo_cli([str(tmp_path / "e"), "--image-size", "16"]) == 2
     assert "image_size" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_general_confuser_rate_puts_unlabelled_lookalikes_in_the_general_set_only(demo: PreparedLayout,
+                                                                                   tmp_path: Path) -> None:
+    params = DemoParams(**{**SMALL.__dict__, "general_confuser_rate": 1.5})
+    summary = generate_demo(tmp_path / "g", params, progress=False)
+    layout = PreparedLayout(tmp_path / "g")
+    assert summary["styles"]["general"]["confuser_rate"] == 1.5
+    assert summary["splits"]["train"]["confusers"] > 0 and summary["splits"]["val"]["confusers"] > 0
+    # Confusers are background: the general labels list the same classes as the images' objects, none for them.
+    layouts = split_layouts(params, "train")
+    train = load_coco(layout.general_train)
+    assert len(train["annotations"]) == sum(len(lay.objects) for lay in layouts)
+    assert sum(len(img.get("confusers", [])) for img in train["images"]) == sum(len(lay.confusers) for lay in layouts)
+    # The scenario does not move: same pool and test files as with general_confuser_rate 0.
+    before, after = _hashes(demo.root), _hashes(layout.root)
+    scenario = [name for name in before if name.startswith("scenario/")]
+    assert scenario and all(before[name] == after[name] for name in scenario)
+    assert any(before[name] != after[name] for name in before if name.startswith("general/"))
+    assert demo_cli([str(tmp_path / "h"), "--image-size", "64", "--n-train", "2", "--n-val", "1", "--n-pool", "1",
+                     "--n-test", "1", "--general-confuser-rate", "-1"]) == 2

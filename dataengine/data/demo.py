@@ -11,8 +11,9 @@ Built so that every part of the engine has something to do on a laptop CPU in mi
   textures from scikit-image as backgrounds, darker/brighter light with colour casts, lower contrast, smaller
   objects, more clutter, about 10 % of images without any object, and **confusers**: shapes that resemble a class
   in its colour family but are not one (:data:`CONFUSER_OF`: an ellipse or hexagon next to the circle, a
-  rectangle next to the square, ...). Confusers exist only in the scenario, so a teacher trained on the general
-  domain fires on them: they are the hard negatives that mining should find. Files sit in nested folders with
+  rectangle next to the square, ...). By default confusers exist only in the scenario, so a teacher trained on the
+  general domain fires on them: they are the hard negatives that mining should find
+  (``DemoParams.general_confuser_rate`` puts some in the general set too, as unlabelled background). Files sit in nested folders with
   mixed-case extensions and some JPEGs (:data:`POOL_FOLDERS`), to exercise the scenario-folder contract. The
   true labels go to ``scenario/pool_hidden.json`` (with ``confusers`` metadata), read only by diagnostics.
 - **Scenario test set** (``scenario/test.json``): same domain as the pool, disjoint images, fully labelled, with
@@ -48,7 +49,7 @@ import io
 import math
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +205,17 @@ SCENARIO = DomainStyle(
 about 10 % empty images."""
 
 
-def split_style(split: str) -> DomainStyle:
-    """The style of a split: :data:`GENERAL` for ``train``/``val``, :data:`SCENARIO` for ``pool``/``test``."""
+def split_style(split: str, general_confuser_rate: float = 0.0) -> DomainStyle:
+    """The style of a split: :data:`GENERAL` for ``train``/``val``, :data:`SCENARIO` for ``pool``/``test``.
+
+    ``general_confuser_rate`` (``DemoParams.general_confuser_rate``) replaces :data:`GENERAL`'s ``confuser_rate``:
+    look-alikes in the general set, as unlabelled background (the scenario's styles are unchanged).
+    """
     if split not in SPLITS:
         raise ValueError(f"unknown demo split {split!r}; expected one of {SPLITS}")
-    return GENERAL if split in ("train", "val") else SCENARIO
+    if split in ("pool", "test"):
+        return SCENARIO
+    return replace(GENERAL, confuser_rate=general_confuser_rate) if general_confuser_rate else GENERAL
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -403,7 +410,8 @@ def _layout(params: DemoParams, split: str, index: int,
             empty: frozenset[int]) -> tuple[ImageLayout, np.random.Generator]:
     """Layout of one image and its render generator."""
     layout_rng, render_rng = _image_rngs(params.seed, split, index)
-    return sample_layout(layout_rng, split_style(split), params.image_size, empty=index in empty), render_rng
+    style = split_style(split, params.general_confuser_rate)
+    return sample_layout(layout_rng, style, params.image_size, empty=index in empty), render_rng
 
 
 def split_layouts(params: DemoParams, split: str) -> list[ImageLayout]:
@@ -620,7 +628,7 @@ def _add_image(coco: dict[str, Any], split: str, index: int, layout: ImageLayout
     semantic = np.zeros((layout.size, layout.size), dtype=np.uint8) if semantic_name else None
     if semantic_name:
         entry["semantic_file"] = semantic_name
-    if split in ("pool", "test"):
+    if split in ("pool", "test") or layout.confusers:  # general images only have them with general_confuser_rate
         entry["confusers"] = [c.coco_bbox(layout.size) for c in layout.confusers]
     coco["images"].append(entry)
     for obj in layout.objects:
@@ -648,7 +656,8 @@ def _summary(cocos: dict[str, dict[str, Any]], params: DemoParams) -> dict[str, 
     pool_folders = Counter(img["file_name"].rsplit("/", 1)[0] for img in cocos["pool"]["images"])
     return {"seed": params.seed, "image_size": params.image_size, "categories": list(CLASS_NAMES),
             "splits": splits, "pool_folders": dict(sorted(pool_folders.items())),
-            "styles": {"general": asdict(GENERAL), "scenario": asdict(SCENARIO)}}
+            "styles": {"general": asdict(split_style("train", params.general_confuser_rate)),
+                       "scenario": asdict(SCENARIO)}}
 
 
 def _preview(tiles: dict[str, list[tuple[np.ndarray, ImageLayout]]], tile: int = 160) -> bytes:
@@ -700,7 +709,7 @@ def generate_demo(out_root: str | Path, params: DemoParams, *, progress: bool = 
     total = sum(getattr(params, f"n_{s}") for s in SPLITS)
     with tqdm(total=total, desc="demo images", unit="img", disable=not progress) as bar:
         for split in SPLITS:
-            style, root = split_style(split), _split_root(layout_root, split)
+            style, root = split_style(split, params.general_confuser_rate), _split_root(layout_root, split)
             coco = empty_coco(cats)
             coco["info"] = {"description": f"dataengine synthetic demo, split {split}", "seed": params.seed,
                             "image_size": params.image_size}
@@ -730,7 +739,8 @@ def generate_demo(out_root: str | Path, params: DemoParams, *, progress: bool = 
 
 
 def demo_cli(argv: list[str] | None = None) -> int:
-    """``dataengine demo OUT [--seed N] [--image-size PX] [--n-train N] [--n-val N] [--n-pool N] [--n-test N]``.
+    """``dataengine demo OUT [--seed N] [--image-size PX] [--n-train N] [--n-val N] [--n-pool N] [--n-test N]
+    [--general-confuser-rate R]``.
 
     Returns:
         0 on success, 2 for usage errors (an out-of-range value names the option and the allowed range).
@@ -744,6 +754,8 @@ def demo_cli(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="output root (the prepared-data layout is written under it)")
     for name in ("seed", "image_size", "n_train", "n_val", "n_pool", "n_test"):
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name))
+    parser.add_argument("--general-confuser-rate", type=float, default=defaults.general_confuser_rate,
+                        help="mean confusers (look-alikes, unlabelled) per general train/val image; 0: scenario-only")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:

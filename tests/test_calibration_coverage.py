@@ -1,0 +1,72 @@
+"""benchmarks/calibration_coverage.py: params it writes, the stage commands it runs, how it counts confuser errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dataengine.config import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("calibration_coverage", ROOT / "benchmarks" / "calibration_coverage.py")
+cc = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(cc)
+
+CATEGORIES = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
+
+
+def _hidden() -> dict:
+    return {"images": [{"id": 10, "file_name": "cam0/a.png", "width": 64, "height": 64,
+                        "confusers": [[0, 0, 10, 10], [40, 40, 10, 10]]},
+                       {"id": 11, "file_name": "cam1/b.PNG", "width": 64, "height": 64, "confusers": []}],
+            "categories": CATEGORIES,
+            "annotations": [{"id": 1, "image_id": 10, "category_id": 1, "bbox": [40, 40, 10, 10], "area": 100,
+                             "iscrowd": 0}]}
+
+
+def _accepted(boxes: list[tuple[str, int, list[float]]]) -> dict:
+    files = sorted({f for f, _, _ in boxes})
+    ids = {f: i + 1 for i, f in enumerate(files)}  # the accepted file's own ids, not the hidden ones
+    return {"images": [{"id": ids[f], "file_name": f} for f in files], "categories": CATEGORIES,
+            "annotations": [{"id": k, "image_id": ids[f], "category_id": c, "bbox": b, "score": 0.95}
+                            for k, (f, c, b) in enumerate(boxes)]}
+
+
+def test_accepted_on_confusers_counts_boxes_on_a_confuser_and_on_no_real_object_of_their_class():
+    accepted = _accepted([
+        ("cam0/a.png", 1, [0, 0, 10, 10]),    # circle on the first confuser: counted
+        ("cam0/a.png", 2, [1, 1, 10, 10]),    # square on it too: counted, for square
+        ("cam0/a.png", 1, [40, 40, 10, 10]),  # circle on a real circle that a confuser overlaps: not a confuser error
+        ("cam0/a.png", 2, [40, 40, 10, 10]),  # square there: no real square, on a confuser: counted
+        ("cam1/b.PNG", 1, [5, 5, 10, 10]),    # background, no confuser: not counted
+    ])
+    assert cc.accepted_on_confusers(accepted, _hidden()) == {"circle": 1, "square": 2, "overall": 3}
+
+
+def test_accepted_on_confusers_names_images_the_hidden_labels_lack():
+    with pytest.raises(ValueError, match="cam9/x.png"):
+        cc.accepted_on_confusers(_accepted([("cam9/x.png", 1, [0, 0, 4, 4])]), _hidden())
+
+
+def test_write_params_sets_only_the_rate_and_refuses_a_bad_one(tmp_path: Path):
+    out = cc.write_params(ROOT / "params.yaml", 0.2, tmp_path / "p.yaml")
+    written, base = yaml.safe_load(out.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert load_params(out).data.demo.general_confuser_rate == 0.2
+    written["data"]["demo"]["general_confuser_rate"] = base["data"]["demo"]["general_confuser_rate"]
+    assert written == base
+    with pytest.raises(ParamsError, match="general_confuser_rate"):
+        cc.write_params(ROOT / "params.yaml", -1.0, tmp_path / "bad.yaml")
+
+
+def test_stage_commands_pass_the_same_options_as_dvc_yaml(tmp_path: Path):
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = cc.stage_commands(tmp_path / "p.yaml", tmp_path / "run")
+    assert [name for name, _, _ in commands] == ["prepare", "train_teacher", "pseudo_label", "filter"]
+    for name, _, cmd in commands:
+        dvc_cmd = shlex.split(stages[name]["cmd"])
+        assert cmd[1] == dvc_cmd[1]  # the stage's script
+        assert [a for a in cmd[2:] if a.startswith("--")] == [a for a in dvc_cmd[2:] if a.startswith("--")], name
