@@ -62,7 +62,8 @@ def stage_commands(params: Path, run: Path) -> list[tuple[str, Path, list[str]]]
     decisions = run / "decisions.json"  # nobody reviewed: the filter calibrates on general val alone
     return [
         ("prepare", run / "data.json",
-         [py, "pipelines/prepare.py", "--params", str(params), "--out", str(data), "--metrics", str(run / "data.json")]),
+         [py, "pipelines/prepare.py", "--params", str(params), "--out", str(data),
+          "--metrics", str(run / "data.json")]),
         ("train_teacher", run / "teacher.json",
          [py, "pipelines/train_teacher.py", "--params", str(params), "--data", str(data), "--out", str(teacher),
           "--log-dir", str(run / "dvclive"), "--metrics", str(run / "teacher.json")]),

@@ -13,9 +13,9 @@ Built so that every part of the engine has something to do on a laptop CPU in mi
   in its colour family but are not one (:data:`CONFUSER_OF`: an ellipse or hexagon next to the circle, a
   rectangle next to the square, ...). By default confusers exist only in the scenario, so a teacher trained on the
   general domain fires on them: they are the hard negatives that mining should find
-  (``DemoParams.general_confuser_rate`` puts some in the general set too, as unlabelled background). Files sit in nested folders with
-  mixed-case extensions and some JPEGs (:data:`POOL_FOLDERS`), to exercise the scenario-folder contract. The
-  true labels go to ``scenario/pool_hidden.json`` (with ``confusers`` metadata), read only by diagnostics.
+  (``DemoParams.general_confuser_rate`` puts some in the general set too, as unlabelled background). Files sit in
+  nested folders with mixed-case extensions and some JPEGs (:data:`POOL_FOLDERS`), to exercise the scenario-folder
+  contract. The true labels go to ``scenario/pool_hidden.json`` (with ``confusers`` metadata), read only by diagnostics.
 - **Scenario test set** (``scenario/test.json``): same domain as the pool, disjoint images, fully labelled, with
   ``semantic_file`` and ``confusers`` metadata. Confusers are background: neither annotations nor mask pixels.
 
