@@ -45,6 +45,7 @@ from dataengine.data.layout import PreparedLayout  # noqa: E402
 from dataengine.evaluation import confuser_false_positives  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.profiles import merge  # noqa: E402
+from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 
 
 def write_params(base: Path, rate: float, out: Path) -> Path:
@@ -107,8 +108,8 @@ def accepted_on_confusers(accepted: dict[str, Any], hidden: dict[str, Any]) -> d
 def summarise(run: Path) -> dict[str, Any]:
     """The numbers of one rate's run (see the module docstring)."""
     pseudo, teacher = read_json(run / "pseudo.json"), read_json(run / "teacher.json")
-    demo = read_json(run / "prepared" / "demo_summary.json")
     layout = PreparedLayout(run / "prepared")
+    demo = read_json(layout.root / "demo_summary.json")
     accepted = read_json(run / "filtered" / "accepted.json")
     on_confusers = accepted_on_confusers(accepted, read_json(layout.pool_hidden))
     per_class: dict[str, Any] = {}
@@ -131,7 +132,7 @@ def summarise(run: Path) -> dict[str, Any]:
 def run_rate(rate: float, base_params: Path, work: Path, reuse: bool) -> dict[str, Any]:
     run = work / f"rate{rate:g}"
     params = write_params(base_params, rate, run / "params.yaml")
-    (run / "decisions.json").write_text('{"images": {}, "labels": {}, "version": 1}\n')
+    write_decisions(run / "decisions.json", empty_decisions())
     for stage, done, cmd in stage_commands(params, run):
         if reuse and done.exists():
             print(f"[coverage] rate {rate:g}: {stage} reused ({done})", flush=True)
@@ -152,7 +153,8 @@ def main() -> int:
     parser.add_argument("--reuse", action="store_true", help="skip a stage whose output a previous run left")
     parser.add_argument("--out", default="benchmarks/results/calibration_coverage.json", type=Path)
     args = parser.parse_args()
-    if load_params(ROOT / args.params, ["data"]).data.source != "demo":
+    params = load_params(ROOT / args.params, ["data", "filter"])
+    if params.data.source != "demo":
         raise SystemExit(f"{args.params}: data.source must be demo (the rates change the demo generator)")
 
     results = {}
@@ -161,7 +163,7 @@ def main() -> int:
         line = ", ".join(f"{k} {v['true_precision']:.3f} (est {v['estimated_precision']:.3f})"
                          for k, v in summary["per_class"].items() if v["true_precision"] is not None)
         print(f"[coverage] rate {rate:g}: accepted true precision: {line}", flush=True)
-    target = load_params(ROOT / args.params, ["filter"]).filter.target_precision
+    target = params.filter.target_precision
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                             check=False).stdout.strip()  # "" outside a git checkout
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "commit": commit,
