@@ -96,11 +96,18 @@ def accepted_on_confusers(accepted: dict[str, Any], hidden: dict[str, Any]) -> d
     unknown = sorted({file_of[a["image_id"]] for a in accepted["annotations"]} - set(hidden_id))
     if unknown:
         raise ValueError(f"accepted labels on images the hidden labels do not list: {unknown[:5]}")
-    predictions = [{**a, "image_id": hidden_id[file_of[a["image_id"]]]} for a in accepted["annotations"]]
+    # Classes are matched by name, as in the filter's diagnostic_metrics: the two files may number them differently.
+    hidden_cat = {c["name"]: c["id"] for c in hidden["categories"]}
+    name_of = {c["id"]: c["name"] for c in accepted["categories"]}
+    missing = sorted(set(name_of.values()) - set(hidden_cat))
+    if missing:
+        raise ValueError(f"accepted classes {missing} are not among the hidden labels' {sorted(hidden_cat)}")
+    predictions = [{**a, "image_id": hidden_id[file_of[a["image_id"]]],
+                    "category_id": hidden_cat[name_of[a["category_id"]]]} for a in accepted["annotations"]]
     out = {}
-    for cat in hidden["categories"]:
-        own = [p for p in predictions if p["category_id"] == cat["id"]]
-        out[cat["name"]] = confuser_false_positives(hidden, own, score_threshold=0.0)["confuser_fp"]
+    for name, cat_id in hidden_cat.items():
+        own = [p for p in predictions if p["category_id"] == cat_id]
+        out[name] = confuser_false_positives(hidden, own, score_threshold=0.0)["confuser_fp"]
     out["overall"] = sum(out.values())
     return out
 

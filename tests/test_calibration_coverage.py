@@ -47,9 +47,20 @@ def test_accepted_on_confusers_counts_boxes_on_a_confuser_and_on_no_real_object_
     assert cc.accepted_on_confusers(accepted, _hidden()) == {"circle": 1, "square": 2, "overall": 3}
 
 
-def test_accepted_on_confusers_names_images_the_hidden_labels_lack():
+def test_accepted_on_confusers_matches_classes_by_name_not_id():
+    accepted = _accepted([("cam0/a.png", 7, [0, 0, 10, 10]), ("cam0/a.png", 7, [40, 40, 10, 10])])
+    accepted["categories"] = [{"id": 7, "name": "circle"}, {"id": 8, "name": "square"}]
+    # The second circle sits on the real circle (hidden id 1): not a confuser error once 7 is read as circle.
+    assert cc.accepted_on_confusers(accepted, _hidden()) == {"circle": 1, "square": 0, "overall": 1}
+
+
+def test_accepted_on_confusers_names_images_and_classes_the_hidden_labels_lack():
     with pytest.raises(ValueError, match="cam9/x.png"):
         cc.accepted_on_confusers(_accepted([("cam9/x.png", 1, [0, 0, 4, 4])]), _hidden())
+    accepted = _accepted([("cam0/a.png", 1, [0, 0, 4, 4])])
+    accepted["categories"] = [{"id": 1, "name": "hexagon"}]
+    with pytest.raises(ValueError, match="hexagon"):
+        cc.accepted_on_confusers(accepted, _hidden())
 
 
 def test_write_params_sets_only_the_rate_and_refuses_a_bad_one(tmp_path: Path):
