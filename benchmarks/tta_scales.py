@@ -12,8 +12,8 @@ of the audit sample (:func:`dataengine.review.oracle.simulate_review`, decisions
 Per scale set and class it records:
 
 - ``pool_AP50``: pycocotools AP50 of the fused pool boxes (score >= ``pseudo_label.score_threshold``, at most 100 per
-  image and class, as COCOeval keeps) against the
-  hidden labels. It is threshold-free: how well the views rank the scenario's objects before any filtering.
+  image and class, as COCOeval keeps) against the hidden labels. It is threshold-free: how well the views rank the
+  scenario's objects before any filtering.
 - ``no_review``: the accepted band of ``metrics/pseudo.json`` (count, estimated and true precision, true recall) and
   the review band's true precision, i.e. the issue's "demo, default params" numbers for those scales.
 - ``audit``: the accepted band after the filter re-calibrated on the simulated audit (count, true precision, recall).
