@@ -40,6 +40,11 @@ pipeline under ``--params``. Without ``--oracle-review`` the variants train on `
 mined_oracle/``) before training, i.e. perfect image-level mining. Results go to
 ``distill_ablation_review<N>_oracle_mining.json``; ``curation_ablation.json`` is not touched.
 
+``--pseudo DIR --filtered DIR`` (with ``--oracle-review``) swap the labels: the simulated reviewer goes through
+``--filtered``'s audit and queue, and filter, review and mine re-run on ``--pseudo``. With a scale set of
+``benchmarks/tta_scales.py`` (``<its work>/scales<tag>/pseudo`` and ``.../none/filtered``, and its ``params.yaml``
+as ``--params``) it trains the students on the labels of other test-time scales.
+
 ``--epochs E`` gives every variant a larger budget (``E x distill.epoch_size`` images instead of the default 6 x 1,200,
 which is set by the 15-minute demo). Results go to ``..._epochs<E>.json`` and ``curation_ablation.json`` under
 ``"simulated_review_epochs<E>"`` (with ``--oracle-review``) or ``"default_run_epochs<E>"``.
@@ -52,6 +57,9 @@ Usage:
     python benchmarks/distill_ablation.py --oracle-review 432 --oracle-mining --variants hard_negatives --seeds 0 1 2 3
     python benchmarks/distill_ablation.py --oracle-review 432 --epochs 18 --variants rebalance hard_negatives --seeds 0 1 2 3
     python benchmarks/distill_ablation.py --oracle-review 432 --oracle-audit --variants rebalance hard_negatives
+    S=benchmarks/work/tta_scales/scales1.25-1.5; python benchmarks/distill_ablation.py --oracle-review 0
+        --oracle-audit --variants hard_negatives --seeds 0 1 --params $S/params.yaml --pseudo $S/pseudo
+        --filtered $S/none/filtered --work $S/distill --out $S/distill.json --curation-out $S/curation.json
 """
 
 from __future__ import annotations
@@ -150,9 +158,12 @@ def rarest_class(general: Path, curated: Path) -> str:
     return min(counts, key=lambda name: (counts[name], name))
 
 
-def simulated_review_inputs(n_images: int, audit: bool, params: str, data: Path, out: Path) -> dict[str, Any]:
+def simulated_review_inputs(n_images: int, audit: bool, params: str, data: Path, out: Path, *,
+                            pseudo: Path = Path("data/pseudo"), filtered0: Path = Path("data/filtered")
+                            ) -> dict[str, Any]:
     """Simulated decisions on the audit's images (``audit``) and the first ``n_images`` queued images of
-    ``data/filtered``; then filter, review, rebalance and mine re-run on them, as ``dvc repro`` does after a pull.
+    ``filtered0`` (the filter's output without decisions, on ``pseudo``); then filter, review, rebalance and mine
+    re-run on them and on ``pseudo``, as ``dvc repro`` does after a pull.
 
     The filter re-calibrates classes on the decisions (``filter.min_reviewed_accepted``; 0 in ``params`` keeps the
     val calibration, the protocol of the runs made before the filter read decisions).
@@ -161,27 +172,26 @@ def simulated_review_inputs(n_images: int, audit: bool, params: str, data: Path,
     """
     out.mkdir(parents=True, exist_ok=True)
     read = lambda path: json.loads(Path(path).read_text())  # noqa: E731
-    audit_records = read("data/filtered/audit.json") if audit else []
-    records, n_total = review_plan(read("data/filtered/review_queue.json"), audit_records, n_images)
-    decisions, stats = simulate_review(records, read("data/filtered/accepted.json"),
-                                       read("data/filtered/rejected.json"), read(data / "scenario/pool_hidden.json"),
-                                       n_images=n_total)
+    audit_records = read(filtered0 / "audit.json") if audit else []
+    records, n_total = review_plan(read(filtered0 / "review_queue.json"), audit_records, n_images)
+    decisions, stats = simulate_review(records, read(filtered0 / "accepted.json"), read(filtered0 / "rejected.json"),
+                                       read(data / "scenario/pool_hidden.json"), n_images=n_total)
     write_decisions(out / "decisions.json", decisions)
     print(f"simulated review of {n_total} images ({'the audit and ' if audit else ''}{n_images} queued): {stats}",
           flush=True)
     py = sys.executable
     filtered = out / "filtered"
     steps = [
-        [py, "pipelines/filter.py", "--params", params, "--pseudo", "data/pseudo", "--data", str(data),
+        [py, "pipelines/filter.py", "--params", params, "--pseudo", str(pseudo), "--data", str(data),
          "--decisions", str(out / "decisions.json"), "--out", str(filtered), "--metrics", str(out / "pseudo.json")],
-        [py, "pipelines/review.py", "--filtered", str(filtered), "--pseudo", "data/pseudo", "--data", str(data),
+        [py, "pipelines/review.py", "--filtered", str(filtered), "--pseudo", str(pseudo), "--data", str(data),
          "--decisions", str(out / "decisions.json"), "--out", str(out / "curated"), "--metrics",
          str(out / "review.json")],
         [py, "pipelines/rebalance.py", "--params", params, "--general", str(data / "general/train.json"),
          "--curated", str(out / "curated/scenario.json"), "--out", str(out / "rebalance"), "--metrics",
          str(out / "rebalance.json"), "--plot", str(out / "rebalance.png"), "--table", str(out / "rebalance.csv")],
         [py, "pipelines/mine.py", "--params", params, "--teacher", "models/teacher/model.pt", "--data", str(data),
-         "--curated", str(out / "curated/scenario.json"), "--pseudo", "data/pseudo", "--review-queue",
+         "--curated", str(out / "curated/scenario.json"), "--pseudo", str(pseudo), "--review-queue",
          str(filtered / "review_queue.json"), "--decisions", str(out / "decisions.json"), "--out", str(out / "mined"),
          "--metrics", str(out / "mine.json")],
     ]
@@ -258,6 +268,12 @@ def main() -> int:
                              "and mine with --params (0: no decisions; see the module docstring)")
     parser.add_argument("--oracle-audit", action="store_true",
                         help="with --oracle-review: the simulated reviewer checks the filter's audit sample first")
+    parser.add_argument("--pseudo", type=Path, default=Path("data/pseudo"),
+                        help="with --oracle-review: the pseudo_label output to filter, review and mine (e.g. one of "
+                             "benchmarks/tta_scales.py's scale sets; default: %(default)s)")
+    parser.add_argument("--filtered", type=Path, default=Path("data/filtered"),
+                        help="with --oracle-review: the filter's output on --pseudo without decisions, whose audit "
+                             "and queue the simulated reviewer goes through (default: %(default)s)")
     parser.add_argument("--oracle-mining", action="store_true",
                         help="with --oracle-review: add every pool confuser as a mined region (the mining's ceiling)")
     parser.add_argument("--epochs", type=int, default=0, metavar="E",
@@ -272,6 +288,9 @@ def main() -> int:
         parser.error(f"--oracle-review must be >= 0 queued images, got {args.oracle_review}")
     if args.oracle_mining and args.oracle_review is None:
         parser.error("--oracle-mining needs --oracle-review N")
+    if (args.pseudo, args.filtered) != (Path("data/pseudo"), Path("data/filtered")) and args.oracle_review is None:
+        parser.error("--pseudo and --filtered need --oracle-review N (0: no decisions): without it the variants "
+                     "train on data/, made by dvc repro")
     if args.oracle_audit and args.oracle_review is None:
         parser.error("--oracle-audit needs --oracle-review N (0: the audit only)")
     if args.epochs < 0:
@@ -287,7 +306,8 @@ def main() -> int:
                               "mined": Path("data/mined")}
     if args.oracle_review is not None:
         tag = f"{'audit_' if args.oracle_audit else ''}review{args.oracle_review}"
-        inputs = simulated_review_inputs(args.oracle_review, args.oracle_audit, args.params, data, work / tag)
+        inputs = simulated_review_inputs(args.oracle_review, args.oracle_audit, args.params, data, work / tag,
+                                         pseudo=args.pseudo, filtered0=args.filtered)
         work = work / tag
         args.out = args.out.replace(".json", f"_{tag}.json")
         if args.oracle_mining:
@@ -328,6 +348,7 @@ def main() -> int:
             "mine": dataclasses.asdict(params.mine)}
     if args.oracle_review is not None:
         meta["simulated_review"] = {"images": args.oracle_review, "audit": args.oracle_audit,
+                                    "pseudo": str(args.pseudo), "filtered": str(args.filtered),
                                     "decisions": inputs["review_stats"], "filter": inputs["pseudo"],
                                     "mined": {k: inputs["mine"]["total"][k] for k in
                                               ("hard_negative_images", "by_reason", "regions", "regions_by_class",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +138,12 @@ def test_with_epochs_changes_the_budget_and_nothing_else():
     assert longer.train.epochs == 18 and longer.train.eval_every == 18  # one evaluation, after the last epoch
     assert dataclasses.replace(longer.train, epochs=base.train.epochs, eval_every=base.train.eval_every) == base.train
     assert dataclasses.replace(longer, train=base.train) == base
+
+
+@pytest.mark.parametrize("swap", [["--pseudo", "x/pseudo"], ["--filtered", "x/none/filtered"]])
+def test_other_labels_need_a_simulated_review_run(swap: list[str]):
+    """``--pseudo``/``--filtered`` only act through ``--oracle-review``; alone they would be silently ignored."""
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distill_ablation.py"), *swap],
+                            cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "--pseudo and --filtered need --oracle-review" in result.stderr
