@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 from dataengine.config import load_params  # noqa: E402
 from dataengine.data.layout import PreparedLayout  # noqa: E402
 from dataengine.evaluation import confuser_false_positives  # noqa: E402
+from dataengine.export import git_commit  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.profiles import merge  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
@@ -171,10 +172,9 @@ def main() -> int:
                          for k, v in summary["per_class"].items() if v["true_precision"] is not None)
         print(f"[coverage] rate {rate:g}: accepted true precision: {line}", flush=True)
     target = params.filter.target_precision
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()  # "" outside a git checkout
-    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "commit": commit,
-                    "params": str(args.params), "target_precision": target, "bar": round(target - 0.05, 4)},
+    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+                    "commit": git_commit(ROOT), "params": str(args.params), "target_precision": target,
+                    "bar": round(target - 0.05, 4)},
            "rates": results}
     atomic_write_json(ROOT / args.out, out)
     print(f"wrote {args.out}")

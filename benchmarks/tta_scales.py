@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 from dataengine.config import load_params  # noqa: E402
 from dataengine.data.layout import PreparedLayout  # noqa: E402
 from dataengine.evaluation import evaluate_detection  # noqa: E402
+from dataengine.export import git_commit  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.profiles import merge  # noqa: E402
 from dataengine.pseudo.tta import tta_views  # noqa: E402
@@ -210,10 +211,9 @@ def main() -> int:
                          if v["no_review"]["true_precision"] is not None)
         print(f"[tta_scales] {scale_tag(scales)}: {line}", flush=True)
     target = params.filter.target_precision
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip()  # "" outside a git checkout
-    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "commit": commit,
-                    "params": str(args.params), "default_scales": list(params.pseudo_label.tta_scales),
+    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+                    "commit": git_commit(ROOT), "params": str(args.params),
+                    "default_scales": list(params.pseudo_label.tta_scales),
                     "target_precision": target, "bar": round(target - 0.05, 4)},
            "scales": results}
     atomic_write_json(ROOT / args.out, out)
