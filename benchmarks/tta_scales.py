@@ -45,6 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dataengine.boxes import xyxy_to_coco  # noqa: E402
 from dataengine.config import load_params  # noqa: E402
 from dataengine.data.layout import PreparedLayout  # noqa: E402
 from dataengine.evaluation import evaluate_detection  # noqa: E402
@@ -130,8 +131,7 @@ def pool_ap50(predictions: dict[str, Any], hidden: dict[str, Any]) -> dict[str, 
     if unknown:
         raise ValueError(f"predictions on images the hidden labels do not list: {unknown[:5]}")
     results = [{"image_id": image_id[b["file_name"]], "category_id": category_id[names[b["label"]]],
-                "bbox": [b["bbox"][0], b["bbox"][1], b["bbox"][2] - b["bbox"][0], b["bbox"][3] - b["bbox"][1]],
-                "score": b["score"]} for b in predictions["boxes"]]
+                "bbox": xyxy_to_coco(b["bbox"]).tolist(), "score": b["score"]} for b in predictions["boxes"]]
     metrics = evaluate_detection(hidden, results)
     return {**metrics["per_class_AP50"], "overall": metrics["AP50"]}
 
