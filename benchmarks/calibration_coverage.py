@@ -19,9 +19,14 @@ pipeline.
 Rate 0 is the default demo: its numbers should equal the main ``dvc repro``'s (the teacher trains
 deterministically within its time budget).
 
+``--seeds`` also trains the teacher with other ``teacher.train.seed`` values (same data, same params otherwise,
+into ``--work/rate<r>_seed<s>/``): how far the per-class numbers move with the teacher's initialisation and sampling
+order alone, i.e. which differences between rates are larger than that. The params' own seed keeps ``rate<r>/``.
+
 Usage:
     python benchmarks/calibration_coverage.py                 # rates 0, 0.2, 0.8: about 20 minutes on 2 CPU cores
     python benchmarks/calibration_coverage.py --rates 0.4 --reuse
+    python benchmarks/calibration_coverage.py --seeds 0 1 2 --reuse   # three teachers per rate: about 1 hour
 """
 
 from __future__ import annotations
@@ -49,9 +54,13 @@ from dataengine.profiles import merge  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 
 
-def write_params(base: Path, rate: float, out: Path) -> Path:
-    """``base`` with ``data.demo.general_confuser_rate: rate``, validated, written to ``out``."""
-    params = merge(yaml.safe_load(base.read_text()), {"data": {"demo": {"general_confuser_rate": rate}}})
+def write_params(base: Path, rate: float, out: Path, seed: int | None = None) -> Path:
+    """``base`` with ``data.demo.general_confuser_rate: rate`` (and ``teacher.train.seed: seed`` unless ``None``),
+    validated, written to ``out``."""
+    override: dict[str, Any] = {"data": {"demo": {"general_confuser_rate": rate}}}
+    if seed is not None:
+        override["teacher"] = {"train": {"seed": seed}}
+    params = merge(yaml.safe_load(base.read_text()), override)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(params, sort_keys=False))
     load_params(out)  # a bad rate stops here, naming the key, before any work
@@ -137,45 +146,90 @@ def summarise(run: Path) -> dict[str, Any]:
             "review": pseudo["review"], "per_class": per_class}
 
 
-def run_rate(rate: float, base_params: Path, work: Path, reuse: bool) -> dict[str, Any]:
-    run = work / f"rate{rate:g}"
-    params = write_params(base_params, rate, run / "params.yaml")
+def run_dir(work: Path, rate: float, seed: int, base_seed: int) -> Path:
+    """``work/rate<r>`` for the params' own teacher seed, ``work/rate<r>_seed<s>`` for another one.
+
+    Example:
+        >>> [run_dir(Path("w"), 0.2, s, 0).as_posix() for s in (0, 1)]
+        ['w/rate0.2', 'w/rate0.2_seed1']
+    """
+    return work / (f"rate{rate:g}" if seed == base_seed else f"rate{rate:g}_seed{seed}")
+
+
+def run_rate(rate: float, base_params: Path, work: Path, reuse: bool, seed: int, base_seed: int) -> dict[str, Any]:
+    run, tag = run_dir(work, rate, seed, base_seed), f"rate {rate:g}, teacher seed {seed}"
+    params = write_params(base_params, rate, run / "params.yaml", None if seed == base_seed else seed)
     write_decisions(run / "decisions.json", empty_decisions())
     for stage, done, cmd in stage_commands(params, run):
         if reuse and done.exists():
-            print(f"[coverage] rate {rate:g}: {stage} reused ({done})", flush=True)
+            print(f"[coverage] {tag}: {stage} reused ({done})", flush=True)
             continue
-        print(f"[coverage] rate {rate:g}: {stage}", flush=True)
+        print(f"[coverage] {tag}: {stage}", flush=True)
         t0 = time.perf_counter()
         subprocess.run(cmd, cwd=ROOT, check=True)
-        print(f"[coverage] rate {rate:g}: {stage} took {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"[coverage] {tag}: {stage} took {time.perf_counter() - t0:.0f} s", flush=True)
     return summarise(run)
+
+
+def seed_spread(by_seed: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per class (and ``overall``): the accepted band's true precision and true recall over the teacher seeds,
+    ``[min, mean, max]`` (classes whose precision is undefined for some seed: over the others; none: ``None``).
+
+    Example:
+        >>> runs = {"0": {"per_class": {"star": {"true_precision": 0.7, "true_recall": 0.5}}},
+        ...         "1": {"per_class": {"star": {"true_precision": 0.9, "true_recall": 0.3}}}}
+        >>> seed_spread(runs)
+        {'star': {'true_precision': [0.7, 0.8, 0.9], 'true_recall': [0.3, 0.4, 0.5]}}
+    """
+    out: dict[str, Any] = {}
+    for name in next(iter(by_seed.values()))["per_class"]:
+        out[name] = {}
+        for key in ("true_precision", "true_recall"):
+            values = [r["per_class"][name][key] for r in by_seed.values() if r["per_class"][name][key] is not None]
+            out[name][key] = ([round(min(values), 4), round(sum(values) / len(values), 4), round(max(values), 4)]
+                              if values else None)
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.2, 0.8],
                         help="data.demo.general_confuser_rate values to run (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="teacher.train.seed values to train per rate (default: the params' own seed only)")
     parser.add_argument("--params", default="params.yaml", type=Path, help="base params (a demo params file)")
     parser.add_argument("--work", default="benchmarks/work/calibration_coverage", type=Path, help="scratch folder")
     parser.add_argument("--reuse", action="store_true", help="skip a stage whose output a previous run left")
     parser.add_argument("--out", default="benchmarks/results/calibration_coverage.json", type=Path)
     args = parser.parse_args()
-    params = load_params(ROOT / args.params, ["data", "filter"])
+    params = load_params(ROOT / args.params, ["data", "teacher", "filter"])
     if params.data.source != "demo":
         raise SystemExit(f"{args.params}: data.source must be demo (the rates change the demo generator)")
+    base_seed = params.teacher.train.seed
+    seeds = list(dict.fromkeys(args.seeds if args.seeds is not None else [base_seed]))
+    if base_seed not in seeds:
+        raise SystemExit(f"--seeds {seeds} must include the params' own teacher.train.seed {base_seed} "
+                         f"(its run is the one the README's table and the rate comparison use)")
 
-    results = {}
+    results, by_seed = {}, {}
     for rate in args.rates:
-        results[f"{rate:g}"] = summary = run_rate(rate, ROOT / args.params, ROOT / args.work, args.reuse)
-        line = ", ".join(f"{k} {v['true_precision']:.3f} (est {v['estimated_precision']:.3f})"
-                         for k, v in summary["per_class"].items() if v["true_precision"] is not None)
-        print(f"[coverage] rate {rate:g}: accepted true precision: {line}", flush=True)
+        runs = {}
+        for seed in seeds:
+            runs[str(seed)] = summary = run_rate(rate, ROOT / args.params, ROOT / args.work, args.reuse, seed,
+                                                 base_seed)
+            line = ", ".join(f"{k} {v['true_precision']:.3f} (est {v['estimated_precision']:.3f})"
+                             for k, v in summary["per_class"].items() if v["true_precision"] is not None)
+            print(f"[coverage] rate {rate:g}, teacher seed {seed}: accepted true precision: {line}", flush=True)
+        results[f"{rate:g}"] = runs[str(base_seed)]
+        if len(seeds) > 1:
+            by_seed[f"{rate:g}"] = {"runs": runs, "spread": seed_spread(runs)}
     target = params.filter.target_precision
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
                     "commit": git_commit(ROOT), "params": str(args.params), "target_precision": target,
-                    "bar": round(target - 0.05, 4)},
+                    "bar": round(target - 0.05, 4), "teacher_seed": base_seed},
            "rates": results}
+    if by_seed:
+        out["teacher_seeds"] = by_seed  # per rate: every seed's run ("runs") and [min, mean, max] per class
     atomic_write_json(ROOT / args.out, out)
     print(f"wrote {args.out}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,36 @@ def test_stage_commands_pass_the_same_options_as_dvc_yaml(tmp_path: Path):
         dvc_cmd = shlex.split(stages[name]["cmd"])
         assert cmd[1] == dvc_cmd[1]  # the stage's script
         assert [a for a in cmd[2:] if a.startswith("--")] == [a for a in dvc_cmd[2:] if a.startswith("--")], name
+
+
+def test_write_params_with_a_seed_sets_the_teacher_seed_too(tmp_path: Path):
+    out = cc.write_params(ROOT / "params.yaml", 0.8, tmp_path / "p.yaml", seed=2)
+    written, base = yaml.safe_load(out.read_text()), yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = load_params(out)
+    assert (params.data.demo.general_confuser_rate, params.teacher.train.seed) == (0.8, 2)
+    written["data"]["demo"]["general_confuser_rate"] = base["data"]["demo"]["general_confuser_rate"]
+    written["teacher"]["train"]["seed"] = base["teacher"]["train"]["seed"]
+    assert written == base
+
+
+def test_the_params_own_seed_keeps_the_old_run_folder_and_others_get_their_own(tmp_path: Path):
+    assert cc.run_dir(tmp_path, 0.0, 3, 3) == tmp_path / "rate0"
+    assert cc.run_dir(tmp_path, 0.8, 1, 3) == tmp_path / "rate0.8_seed1"
+
+
+def test_seed_spread_skips_undefined_precision_and_gives_min_mean_max():
+    runs = {"0": {"per_class": {"cross": {"true_precision": None, "true_recall": 0.0},
+                                "star": {"true_precision": 0.75, "true_recall": 0.5}}},
+            "1": {"per_class": {"cross": {"true_precision": 0.5, "true_recall": 0.25},
+                                "star": {"true_precision": 0.85, "true_recall": 0.4}}}}
+    spread = cc.seed_spread(runs)
+    assert spread["cross"] == {"true_precision": [0.5, 0.5, 0.5], "true_recall": [0.0, 0.125, 0.25]}
+    assert spread["star"]["true_precision"] == [0.75, 0.8, 0.85]
+
+
+def test_seeds_without_the_params_own_seed_stop_before_any_work(tmp_path: Path):
+    run = subprocess.run([sys.executable, "benchmarks/calibration_coverage.py", "--seeds", "5", "6",
+                          "--work", str(tmp_path / "w")], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert run.returncode != 0
+    assert "teacher.train.seed 0" in run.stderr and "--seeds [5, 6]" in run.stderr
+    assert not (tmp_path / "w").exists()
