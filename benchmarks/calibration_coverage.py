@@ -26,7 +26,7 @@ order alone, i.e. which differences between rates are larger than that. The para
 Usage:
     python benchmarks/calibration_coverage.py                 # rates 0, 0.2, 0.8: about 20 minutes on 2 CPU cores
     python benchmarks/calibration_coverage.py --rates 0.4 --reuse
-    python benchmarks/calibration_coverage.py --seeds 0 1 2 --reuse   # three teachers per rate: about 1 hour
+    python benchmarks/calibration_coverage.py --seeds 0 1 2 --reuse   # three teachers per rate: about 40 minutes
 """
 
 from __future__ import annotations
