@@ -215,7 +215,7 @@ def main() -> int:
                   f"meets {bar}: {summary['meets_bar']}", flush=True)
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
                     "commit": git_commit(ROOT), "params": str(args.params), "bar": bar,
-                    "labelled_scenario_images": n_extra},
+                    "labelled_scenario_images": len(files)},  # a --reuse'd copy keeps its own count
            "general_val": summarise(read_json(ROOT / METRICS), bar),
            "sizes": results}
     atomic_write_json(ROOT / args.out, out)
