@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataengine.config import load_params  # noqa: E402
+from dataengine.config import DemoParams, load_params  # noqa: E402
 from dataengine.data.demo import generate_demo  # noqa: E402
 from dataengine.export import git_commit  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
@@ -129,13 +129,12 @@ def summarise(metrics: dict[str, Any], bar: float) -> dict[str, Any]:
             "lowest": lowest, "meets_bar": lowest is not None and lowest >= bar}
 
 
-def build_labelled_copy(params_file: Path, n_extra: int, work: Path, reuse: bool, data: Path = ROOT / DATA) -> Path:
-    """``work/prepared``: a copy of ``data`` (the prepared demo of ``params_file``) with ``n_extra`` new labelled
-    scenario images as its general val."""
+def build_labelled_copy(demo: DemoParams, n_extra: int, work: Path, reuse: bool, data: Path = ROOT / DATA) -> Path:
+    """``work/prepared``: a copy of ``data`` (the prepared demo of ``demo``) with ``n_extra`` new labelled scenario
+    images as its general val."""
     out = work / "prepared"
     if reuse and (out / "general" / "val.json").is_file():
         return out
-    demo = load_params(params_file, ["data"]).data.demo
     generated = work / "generated"
     shutil.rmtree(generated, ignore_errors=True)
     # Only the test split is needed; the other splits are drawn at their minimum size and ignored.
@@ -176,7 +175,7 @@ def main() -> int:
     n_extra = max(args.sizes)
 
     print(f"[scenario-calibration] {n_extra} labelled scenario images", flush=True)
-    data = build_labelled_copy(ROOT / args.params, n_extra, work, args.reuse)
+    data = build_labelled_copy(params.data.demo, n_extra, work, args.reuse)
     pseudo = work / "pseudo"
     if not (args.reuse and (pseudo / "stats.json").is_file()):
         subprocess.run([sys.executable, "pipelines/pseudo_label.py", "--params", str(args.params), "--teacher",

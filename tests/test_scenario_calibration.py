@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dataengine.config import DemoParams
 from dataengine.data.demo import generate_demo
@@ -26,10 +25,7 @@ def _digest(path: Path) -> str:
 def test_labelled_copy_takes_new_scenario_images_as_val_disjoint_from_pool_and_test(tmp_path: Path):
     demo = DemoParams(image_size=64, n_train=3, n_val=2, n_pool=4, n_test=3)
     generate_demo(tmp_path / "prepared", demo, progress=False)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"data": {"source": "demo", "demo": {"image_size": 64, "n_train": 3, "n_val": 2,
-                                                                          "n_pool": 4, "n_test": 3}}}))
-    out = sc.build_labelled_copy(params, 4, tmp_path / "work", reuse=False, data=tmp_path / "prepared")
+    out = sc.build_labelled_copy(demo, 4, tmp_path / "work", reuse=False, data=tmp_path / "prepared")
 
     val = read_json(out / "general" / "val.json")
     assert len(val["images"]) == 4 and all(img["file_name"].startswith("scenario_labelled/") for img in val["images"])
