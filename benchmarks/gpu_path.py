@@ -163,7 +163,8 @@ def summarise(run: Path) -> dict[str, Any]:
 def run_case(case: str, params: Path, data: Path, run: Path, stages: list[tuple[str, Path, list[str]]],
              reuse: bool) -> dict[str, Any]:
     write_decisions(run / "decisions.json", empty_decisions())  # nobody reviewed: calibration on general val alone
-    timings: dict[str, Any] = {}
+    timings_file = run / "timings.json"  # kept with the outputs, so a --reuse'd stage keeps its measured time
+    timings: dict[str, Any] = read_json(timings_file) if reuse and timings_file.exists() else {}
     for stage, done, cmd in stages:
         if reuse and done.exists():
             print(f"[gpu] {case}: {stage} reused ({done})", flush=True)
@@ -175,6 +176,7 @@ def run_case(case: str, params: Path, data: Path, run: Path, stages: list[tuple[
         timings[stage] = {"seconds": round(time.perf_counter() - t0, 1), "peak_gpu_memory_mib": memory.peak_mib}
         print(f"[gpu] {case}: {stage} took {timings[stage]['seconds']:.0f} s, "
               f"peak GPU memory {memory.peak_mib} MiB", flush=True)
+        atomic_write_json(timings_file, timings)
     return {"params": str(params.relative_to(ROOT) if params.is_relative_to(ROOT) else params),
             "stages": timings, **summarise(run)}
 

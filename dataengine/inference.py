@@ -60,21 +60,22 @@ def predict_coco(
     meter = SegmentationMeter(len(cats) + 1, ["background", *cats.names]) if (
         getattr(model, "segmentation", False) and dataset.has_masks) else None
     results: list[dict[str, Any]] = []
+    device = next(model.parameters()).device  # the trainer evaluates on its device (CUDA on a GPU machine)
     for images, targets in tqdm(loader, desc="evaluate", unit="batch", disable=not progress, leave=False):
-        outputs = model(images)
+        outputs = model(images.to(device, non_blocking=True))
         if detection:
             dets = model.postprocess(outputs, score_threshold=score_threshold, max_detections=max_detections)
             for det, target in zip(dets, targets):
                 h, w = (int(v) for v in target["orig_size"])
                 scale, pad_x, pad_y = letterbox_params(h, w, input_size)
-                boxes = clip_xyxy(unletterbox_boxes(det["boxes"].float(), scale, pad_x, pad_y), w, h)  # [M, 4]
+                boxes = clip_xyxy(unletterbox_boxes(det["boxes"].float().cpu(), scale, pad_x, pad_y), w, h)  # [M, 4]
                 for box, score, label in zip(xyxy_to_coco(boxes).tolist(), det["scores"].tolist(),
                                              det["labels"].tolist()):
                     results.append({"image_id": int(target["image_id"]), "category_id": cats.ids[int(label)],
                                     "bbox": [round(v, 2) for v in box], "score": round(float(score), 5)})
         if meter is not None:
             probs = model.semantic_probs(outputs, size=images.shape[-2:])  # [B, K+1, S, S]
-            meter.update(probs.argmax(1), stack_semantic(targets))
+            meter.update(probs.argmax(1).cpu(), stack_semantic(targets))
     model.train(was_training)
     return results, meter
 
