@@ -207,7 +207,11 @@ def main() -> int:
     data = ROOT / args.data
     if not (data / "general").is_dir():
         raise SystemExit(f"{args.data}: no prepared data (run `dvc repro prepare` or pass --data)")
-    results = {}
+    props = torch.cuda.get_device_properties(0)
+    meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1), "cpu_cores": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "commit": git_commit(ROOT) or args.commit, "params": str(args.params)}
+    results: dict[str, Any] = {}
     for case in dict.fromkeys(args.cases):
         run = ROOT / args.work / case
         override = case_overrides(case, size=args.large_size, epochs=args.large_epochs, workers=args.workers)
@@ -224,15 +228,8 @@ def main() -> int:
         line = ", ".join(f"{k} {v['true_precision']:.3f}" for k, v in results[case]["filter"].items()
                          if v["true_precision"] is not None)
         print(f"[gpu] {case}: accepted true precision: {line}", flush=True)
-    props = torch.cuda.get_device_properties(0)
-    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                    "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
-                    "cpu_cores": len(os.sched_getaffinity(0)),
-                    "torch": torch.__version__, "commit": git_commit(ROOT) or args.commit,
-                    "params": str(args.params)},
-           "cases": results}
-    atomic_write_json(ROOT / args.out, out)
-    print(f"wrote {args.out}")
+        atomic_write_json(ROOT / args.out, {"meta": meta, "cases": results})  # after each case: a cut run keeps it
+        print(f"wrote {args.out}", flush=True)
     return 0
 
 
