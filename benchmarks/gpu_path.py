@@ -146,7 +146,8 @@ def summarise(run: Path) -> dict[str, Any]:
         "teacher": {"model": teacher["model"], "train_seconds": teacher["train_seconds"], "epochs": teacher["epochs"],
                     **{split: {k: teacher[split][k] for k in keys} for split in ("general_val", "scenario_test")}},
         "pool_images_per_second": read_json(run / "pseudo" / "stats.json")["pool"]["images_per_second"],
-        "filter": {name: {"accepted": pseudo["accepted"] if name == "overall" else pseudo["per_class"][name]["accepted"],
+        "filter": {name: {"accepted": (pseudo["accepted"] if name == "overall"
+                                       else pseudo["per_class"][name]["accepted"]),
                           "estimated_precision": pseudo["estimated_precision"][name],
                           "true_precision": pseudo["true_precision"][name],
                           "true_recall": pseudo["true_recall"][name],

@@ -24,9 +24,16 @@ The hidden labels are read for these diagnostics only, as in the pipeline.
 Needs ``dvc repro`` up to ``prepare`` and ``train_teacher`` (``data/prepared`` with ``scenario/pool_hidden.json``,
 ``models/teacher/model.pt``).
 
+``--teacher`` and ``--data`` take another teacher and the demo data it was trained on, e.g. a run of
+``benchmarks/calibration_coverage.py`` (general set with look-alikes), to see how the scales combine with it.
+
 Usage:
     python benchmarks/tta_scales.py                       # 3 scale sets: about 5 minutes on 2 CPU cores
     python benchmarks/tta_scales.py --scales 1,1.25 1.25,1.5 --reuse
+    R=benchmarks/work/calibration_coverage/rate0.2
+    python benchmarks/tta_scales.py --scales 1,1.25 1.25,1.5 --teacher $R/teacher --data $R/prepared \
+        --params $R/params.yaml --work benchmarks/work/tta_scales_rate0.2 \
+        --out benchmarks/results/tta_scales_rate0.2.json
 """
 
 from __future__ import annotations
@@ -94,16 +101,16 @@ def write_params(base: Path, scales: tuple[float, ...], out: Path) -> Path:
     return out
 
 
-def pseudo_label_command(params: Path, run: Path) -> list[str]:
+def pseudo_label_command(params: Path, run: Path, teacher: Path = TEACHER, data: Path = DATA) -> list[str]:
     """The ``pseudo_label`` stage's command as in dvc.yaml, into ``run/pseudo``."""
-    return [sys.executable, "pipelines/pseudo_label.py", "--params", str(params), "--teacher", str(TEACHER),
-            "--data", str(DATA), "--out", str(run / "pseudo"), "--no-progress"]
+    return [sys.executable, "pipelines/pseudo_label.py", "--params", str(params), "--teacher", str(teacher),
+            "--data", str(data), "--out", str(run / "pseudo"), "--no-progress"]
 
 
-def filter_command(params: Path, run: Path, decisions: Path, out: Path) -> list[str]:
+def filter_command(params: Path, run: Path, decisions: Path, out: Path, data: Path = DATA) -> list[str]:
     """The ``filter`` stage's command as in dvc.yaml, on ``run/pseudo`` with ``decisions``, into ``out``."""
     return [sys.executable, "pipelines/filter.py", "--params", str(params), "--pseudo", str(run / "pseudo"),
-            "--data", str(DATA), "--decisions", str(decisions), "--out", str(out / "filtered"),
+            "--data", str(data), "--decisions", str(decisions), "--out", str(out / "filtered"),
             "--metrics", str(out / "pseudo.json")]
 
 
@@ -144,7 +151,7 @@ def _band(metrics: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def run_scales(scales: tuple[float, ...], base_params: Path, work: Path, hidden: dict[str, Any],
-               reuse: bool) -> dict[str, Any]:
+               reuse: bool, teacher: Path = TEACHER, data: Path = DATA) -> dict[str, Any]:
     """Label, filter, audit and filter again with one scale set; its summary (see the module docstring)."""
     tag = scale_tag(scales)
     run = work / f"scales{tag}"
@@ -161,8 +168,8 @@ def run_scales(scales: tuple[float, ...], base_params: Path, work: Path, hidden:
         subprocess.run(cmd, cwd=ROOT, check=True)
         print(f"[tta_scales] {tag}: {name} took {time.perf_counter() - t0:.0f} s", flush=True)
 
-    step("pseudo_label", run / "pseudo" / "stats.json", pseudo_label_command(params, run))
-    step("filter", none / "pseudo.json", filter_command(params, run, none / "decisions.json", none))
+    step("pseudo_label", run / "pseudo" / "stats.json", pseudo_label_command(params, run, teacher, data))
+    step("filter", none / "pseudo.json", filter_command(params, run, none / "decisions.json", none, data))
     filtered = none / "filtered"
     match_iou = read_json(filtered / "calibration.json")["match_iou"]
     records, n_images = review_plan(read_json(filtered / "review_queue.json"), read_json(filtered / "audit.json"), 0)
@@ -170,7 +177,8 @@ def run_scales(scales: tuple[float, ...], base_params: Path, work: Path, hidden:
                                    read_json(filtered / "rejected.json"), hidden, n_images=n_images,
                                    match_iou=match_iou)
     write_decisions(audit / "decisions.json", decisions)
-    step("filter on the audit", audit / "pseudo.json", filter_command(params, run, audit / "decisions.json", audit))
+    step("filter on the audit", audit / "pseudo.json",
+         filter_command(params, run, audit / "decisions.json", audit, data))
 
     before, after = read_json(none / "pseudo.json"), read_json(audit / "pseudo.json")
     ap50 = pool_ap50(read_json(run / "pseudo" / "pool" / "predictions.json"), hidden)
@@ -190,29 +198,34 @@ def main() -> int:
                         metavar="S1,S2", help="scale sets to compare, each comma-separated (default: 1,1.25 "
                         "1.25,1.5 1.5,2)")
     parser.add_argument("--params", default="params.yaml", type=Path, help="base params (a demo params file)")
+    parser.add_argument("--teacher", default=TEACHER, type=Path,
+                        help="teacher folder (model.pt), e.g. from calibration_coverage.py (default: %(default)s)")
+    parser.add_argument("--data", default=DATA, type=Path,
+                        help="prepared demo data the teacher belongs to (default: %(default)s)")
     parser.add_argument("--work", default="benchmarks/work/tta_scales", type=Path, help="scratch folder")
     parser.add_argument("--reuse", action="store_true", help="skip a step whose output a previous run left")
     parser.add_argument("--out", default="benchmarks/results/tta_scales.json", type=Path)
     args = parser.parse_args()
     params = load_params(ROOT / args.params, ["filter", "pseudo_label"])
-    layout = PreparedLayout(ROOT / DATA)
+    layout = PreparedLayout(ROOT / args.data)
     if not layout.pool_hidden.is_file():
         raise SystemExit(f"{layout.pool_hidden} not found: this benchmark needs the demo's hidden pool labels")
-    if not (ROOT / TEACHER / "model.pt").is_file():
-        raise SystemExit(f"{TEACHER / 'model.pt'} not found: run `dvc repro train_teacher` first")
+    if not (ROOT / args.teacher / "model.pt").is_file():
+        raise SystemExit(f"{args.teacher / 'model.pt'} not found: run `dvc repro train_teacher` first")
     hidden = read_json(layout.pool_hidden)
 
     results = {}
     for scales in args.scales:
         results[scale_tag(scales)] = summary = run_scales(scales, ROOT / args.params, ROOT / args.work, hidden,
-                                                          args.reuse)
+                                                          args.reuse, args.teacher, args.data)
         line = ", ".join(f"{k} AP50 {v['pool_AP50']:.3f} P {v['no_review']['true_precision']:.3f} "
                          f"R {v['no_review']['true_recall']:.3f}" for k, v in summary["per_class"].items()
                          if v["no_review"]["true_precision"] is not None)
         print(f"[tta_scales] {scale_tag(scales)}: {line}", flush=True)
     target = params.filter.target_precision
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                    "commit": git_commit(ROOT), "params": str(args.params),
+                    "commit": git_commit(ROOT), "params": str(args.params), "teacher": str(args.teacher),
+                    "data": str(args.data),
                     "default_scales": list(params.pseudo_label.tta_scales),
                     "target_precision": target, "bar": round(target - 0.05, 4)},
            "scales": results}

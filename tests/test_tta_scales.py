@@ -86,3 +86,7 @@ def test_commands_pass_the_same_options_as_dvc_yaml(tmp_path: Path):
         assert cmd[1] == dvc_cmd[1]  # the stage's script
         options = [a for a in cmd[2:] if a.startswith("--") and a != "--no-progress"]
         assert options == [a for a in dvc_cmd[2:] if a.startswith("--")], name
+    other = ts.pseudo_label_command(tmp_path / "p.yaml", tmp_path / "run", Path("t"), Path("d"))
+    assert other[other.index("--teacher") + 1] == "t" and other[other.index("--data") + 1] == "d"
+    other = ts.filter_command(tmp_path / "p.yaml", tmp_path / "run", tmp_path / "d.json", tmp_path, Path("d"))
+    assert other[other.index("--data") + 1] == "d"
