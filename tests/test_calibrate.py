@@ -169,7 +169,8 @@ def _lowest_accepted_score(calibration: Calibration, label: int = 0) -> float:
     """Thresholds live in each calibrator's own probability: compare calibrations by the raw score they accept."""
     grid = np.linspace(0.0, 1.0, 1001)
     cls = calibration.classes[label]
-    return float(grid[cls.predict(grid, np.ones_like(grid)) >= cls.threshold].min())
+    ones = np.ones_like(grid)
+    return float(grid[(cls.predict(grid, ones) >= cls.threshold) & cls.acceptable(grid, ones)].min())
 
 
 def _val_cat_dog() -> Calibration:
@@ -244,6 +245,42 @@ def test_recalibrated_class_does_not_extrapolate_below_the_reviewed_range() -> N
     # Nothing was reviewed below 0.8 and val trusts boxes from about 0.3: there val still decides (capped by the
     # reviewed fit's bottom, so never more loosely than on val).
     assert _lowest_accepted_score(cal) <= _lowest_accepted_score(new) < 0.4
+
+
+def test_recalibrate_keeps_the_val_projection_so_a_narrow_review_band_cannot_reweight_the_features() -> None:
+    # The demo failure (teacher seed 1, tta [1.25, 1.5]): reviewers saw squares scoring 0.5-1.0 with consistency
+    # 0.88-0.99, where the wrong ones happened to have lower consistency. A logistic re-fit on them weighted
+    # consistency 44 to the score's 0.3 and accepted squares scoring 0.06 (596 accepted, true precision 0.58).
+    rng = np.random.default_rng(12)
+    val = _synthetic(3000, seed=13, truth=lambda sc, c: np.where(sc > 0.3, 0.95, 0.05))
+    cal = fit_calibration(val, ["cat"], FilterParams(target_precision=0.9))
+    scores, consistency = rng.uniform(0.5, 1.0, 200), rng.uniform(0.88, 0.99, 200)
+    reviewed = ValBoxes(np.zeros(200, dtype=np.int64), scores, consistency, consistency > 0.9)
+    new = recalibrate(cal, reviewed, min_reviewed_accepted=20)
+    cat, before = new.classes[0], cal.classes[0]
+    assert cat.kind == "reviewed"
+    projection = ("coef_score", "coef_consistency", "intercept")
+    assert [getattr(cat.calibrator, k) for k in projection] == [getattr(before.calibrator, k) for k in projection]
+    assert cat.calibrator.n_boxes == 200  # the isotonic step is the reviewed one
+    weak, agreeing = np.array([0.06, 0.1, 0.2]), np.full(3, 0.97)
+    accepted = (cat.predict(weak, agreeing) >= cat.threshold) & cat.acceptable(weak, agreeing)
+    assert not accepted.any()
+
+
+def test_a_reviewed_threshold_at_the_bottom_of_its_fit_does_not_accept_everything_below() -> None:
+    cal = _val_cat_dog()
+    # 60 strong cats reviewed (0.8-1.0); the two weakest are wrong, so the isotonic fit starts at 0 and the whole
+    # reviewed set (58/60 right) meets the target: the threshold is that bottom value, 0.
+    scores = np.linspace(0.8, 1.0, 60)
+    new = recalibrate(cal, ValBoxes(np.zeros(60, dtype=np.int64), scores, np.ones(60), np.arange(60) >= 2),
+                      min_reviewed_accepted=20)
+    cat = new.classes[0]
+    assert cat.kind == "reviewed" and cat.threshold == cat.calibrator.iso_y[0] == 0.0
+    probe = np.array([0.05, 0.2, 0.5, 0.9])
+    p = cat.predict(probe, np.ones(4))
+    assert np.all(p[:3] >= cat.threshold)  # predict alone would accept even the 0.05 box
+    ok = new.acceptable(np.zeros(4, dtype=np.int64), probe, np.ones(4))
+    assert ok.tolist() == [False, False, True, True]  # below the reviewed range: what val accepts (from ~0.3)
 
 
 def test_match_val_predictions_is_class_aware_and_one_to_one() -> None:

@@ -36,15 +36,21 @@ estimated precision too (:func:`dataengine.pseudo.filter.pool_thresholds`).
 scenario (on the demo, boxes calibrated at ``p >= 0.9`` on val are 0.76-0.97 precise on the pool: the teacher never
 saw a confuser). The labels people decided on in the review tools are scenario evidence: each says whether the
 teacher's box was right (:func:`dataengine.review.curate.teacher_verdicts`). A class is re-fitted on them -- the
-same two-step calibrator and the same threshold rule, on its reviewed labels instead of its val boxes (kind
-``"reviewed"``) -- once it has right and wrong reviewed labels and at least ``filter.min_reviewed_accepted`` of
-them lie in its *val-accepted range* (``p_val >=`` its val threshold). The second condition is what the filter's
-audit sample (a random sample of accepted labels per class, :func:`dataengine.pseudo.filter.audit_sample`) is for:
-the review queue alone holds boxes *below* the threshold, and a calibrator fitted on them would extrapolate its top
-value to every accepted box. The reviewed labels are not a random sample of the pool (the queue is ranked by risk,
-the audit samples the accepted band), but both select on the val-calibrated probability only, a function of
-``(score, consistency)``; a calibrator of ``P(correct | score, consistency)`` fitted on them is unbiased under such
-a selection, and :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's own mix as before.
+val calibrator's projection ``z`` kept, its isotonic step re-fitted on the reviewed labels (:func:`refit_isotonic`),
+and the same threshold rule (kind ``"reviewed"``) -- once it has right and wrong reviewed labels and at least
+``filter.min_reviewed_accepted`` of them lie in its *val-accepted range* (``p_val >=`` its val threshold).
+The second condition is what the filter's audit sample (a random sample of accepted labels per class,
+:func:`dataengine.pseudo.filter.audit_sample`) is for: the review queue alone holds boxes *below* the threshold, and
+a calibrator fitted on them would extrapolate its top value to every accepted box. The reviewed labels are not a
+random sample of the pool (the queue is ranked by risk, the audit samples the accepted band), but both select on
+the val-calibrated probability only, a function of ``(score, consistency)``; a calibrator of
+``P(correct | score, consistency)`` fitted on them is unbiased under such a selection, within the range they cover.
+That range is a narrow band of the val projection, which is why the projection is kept: a logistic re-fit inside
+the band learnt a direction the band does not constrain (demo, one teacher seed: consistency weighted 44 to the
+score's 0.3; 231 of 596 accepted squares scored below every reviewed one, down to 0.06, and the accepted squares
+were 0.58 precise). Below the reviewed range a class accepts only what val accepts too
+(:meth:`ClassCalibration.acceptable`), and :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's
+own mix as before.
 
 The whole calibration serialises to JSON (:meth:`Calibration.to_dict`): logistic coefficients and the isotonic
 ``X``/``y`` thresholds, from which :meth:`Calibrator.predict` reproduces scikit-learn's ``predict`` exactly (linear
@@ -91,6 +97,7 @@ __all__ = [
     "load_predictions",
     "match_val_predictions",
     "fit_calibrator",
+    "refit_isotonic",
     "check_predictions",
     "select_threshold",
     "fit_calibration",
@@ -346,10 +353,33 @@ def fit_calibrator(scores: np.ndarray, consistency: np.ndarray, correct: np.ndar
             a, b = float(coef[0]), 0.0
         if a <= 0:  # the score carries no usable signal here; keep the score order rather than invert it
             a, b, c = 1.0, 0.0, 0.0
+    return _with_isotonic(a, b, c, x_score, consistency, correct)
+
+
+def _with_isotonic(a: float, b: float, c: float, x_score: np.ndarray, consistency: np.ndarray,
+                   correct: np.ndarray) -> Calibrator:
     z = a * x_score + b * consistency + c
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(z, correct.astype(float))
     return Calibrator(a, b, c, tuple(float(v) for v in iso.X_thresholds_), tuple(float(v) for v in iso.y_thresholds_),
                       int(len(correct)), int(correct.sum()))
+
+
+def refit_isotonic(base: Calibrator, scores: np.ndarray, consistency: np.ndarray, correct: np.ndarray) -> Calibrator:
+    """``base``'s projection ``z`` kept, its isotonic step re-fitted on other labelled boxes (the reviewed ones).
+
+    Example:
+        >>> base = fit_calibrator(np.array([0.2, 0.4, 0.6, 0.8]), np.ones(4), np.array([False, False, True, True]))
+        >>> new = refit_isotonic(base, np.array([0.5, 0.7, 0.9]), np.ones(3), np.array([False, False, True]))
+        >>> new.coef_score == base.coef_score, new.predict([0.6, 0.95], [1.0, 1.0]).round(3).tolist()
+        (True, [0.0, 1.0])
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    consistency = np.asarray(consistency, dtype=np.float64)
+    correct = np.asarray(correct, dtype=bool)
+    if not len(scores) == len(consistency) == len(correct) or len(scores) == 0:
+        raise ValueError(f"need one or more boxes with scores, consistency and correct of one length: {len(scores)}, "
+                         f"{len(consistency)}, {len(correct)}")
+    return _with_isotonic(base.coef_score, base.coef_consistency, base.intercept, _logit(scores), consistency, correct)
 
 
 def select_threshold(probabilities: np.ndarray, correct: np.ndarray,
@@ -443,7 +473,7 @@ class ClassCalibration:
         val_empirical_precision: Fraction correct of those (``None`` without a threshold).
         reviewed: The review evidence when ``kind == "reviewed"`` (the ``val_*`` fields still describe val).
         val_calibrator: When ``kind == "reviewed"``, the val calibrator it replaced, still used *below* the reviewed
-            labels' range (:meth:`predict`).
+            labels' range (:meth:`predict`, :meth:`acceptable`).
     """
 
     name: str
@@ -468,10 +498,43 @@ class ClassCalibration:
         """
         p = self.calibrator.predict(scores, consistency)
         if self.val_calibrator is not None:
-            below = self.calibrator.projection(scores, consistency) < self.calibrator.iso_x[0]
+            below = self._below_reviewed(scores, consistency)
             p[below] = np.minimum(self.val_calibrator.predict(scores[below], consistency[below]),
                                   self.calibrator.iso_y[0])
         return p
+
+    def _below_reviewed(self, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
+        # The reviewed fit keeps the val projection (recalibrate), so "below" is in the variable the review selected on.
+        return self.calibrator.projection(scores, consistency) < self.calibrator.iso_x[0]
+
+    def acceptable(self, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: boxes this class may accept at all (given ``p >= threshold``).
+
+        Every box, except for a class re-fitted on reviewed labels: below their range it accepts only what val
+        accepts too (``p_val >=`` the val threshold). Its threshold is chosen among the reviewed labels and can lie
+        at the bottom of their fit, where ``predict`` caps the boxes below; without this rule those boxes would all
+        pass, however weak.
+
+        Example:
+            >>> val = fit_calibrator(np.linspace(0.05, 1, 40), np.ones(40), np.linspace(0.05, 1, 40) > 0.3)
+            >>> rev = refit_isotonic(val, np.array([0.8, 0.85, 0.9, 0.95]), np.ones(4), np.array([0, 1, 1, 1]) > 0)
+            >>> ev = ReviewedEvidence(4, 3, 4, 4, 0.75, 0.75, "per-class", 0.9)
+            >>> c = ClassCalibration("cat", "reviewed", rev, 0.0, 40, 28, 28, 0.95, 0.95, ev, val)
+            >>> c.acceptable(np.array([0.1, 0.5, 0.9]), np.ones(3)).tolist()  # 0.1: below reviewed 0.8 and val 0.3
+            [False, True, True]
+        """
+        scores = np.asarray(scores, dtype=np.float64)
+        consistency = np.asarray(consistency, dtype=np.float64)
+        ok = np.ones(len(scores), dtype=bool)
+        if self.val_calibrator is None:
+            return ok
+        below = self._below_reviewed(scores, consistency)
+        val_threshold = None if self.reviewed is None else self.reviewed.val_threshold
+        if val_threshold is None:
+            ok[below] = False
+        else:
+            ok[below] = self.val_calibrator.predict(scores[below], consistency[below]) >= val_threshold
+        return ok
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "threshold": self.threshold, "val_boxes": self.val_boxes,
@@ -513,6 +576,18 @@ class Calibration:
             mask = labels == label
             if mask.any():
                 out[mask] = cls.predict(scores[mask], consistency[mask])
+        return out
+
+    def acceptable(self, labels: np.ndarray, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
+        """bool ``[N]``: boxes their class may accept at all (:meth:`ClassCalibration.acceptable`)."""
+        labels = np.asarray(labels, dtype=np.int64)
+        scores = np.asarray(scores, dtype=np.float64)
+        consistency = np.asarray(consistency, dtype=np.float64)
+        out = np.ones(len(labels), dtype=bool)
+        for label, cls in enumerate(self.classes):
+            mask = labels == label
+            if mask.any():
+                out[mask] = cls.acceptable(scores[mask], consistency[mask])
         return out
 
     def thresholds(self) -> np.ndarray:
@@ -595,9 +670,10 @@ def recalibrate(calibration: Calibration, reviewed: ValBoxes, min_reviewed_accep
             0 turns re-calibration off.
 
     Returns:
-        A calibration whose qualifying classes have kind ``"reviewed"``, their calibrator and threshold fitted on
-        the reviewed labels (:func:`fit_calibrator`, :func:`select_threshold`; the val calibrator is kept for
-        boxes below the reviewed range, :meth:`ClassCalibration.predict`); the others are unchanged.
+        A calibration whose qualifying classes have kind ``"reviewed"``: the val projection with its isotonic step
+        and the threshold fitted on the reviewed labels (:func:`refit_isotonic`, :func:`select_threshold`; the val
+        calibrator is kept for boxes below the reviewed range, :meth:`ClassCalibration.predict` and
+        :meth:`ClassCalibration.acceptable`); the others are unchanged.
 
     Raises:
         ValueError: A reviewed label outside the calibration's classes.
@@ -628,7 +704,7 @@ def recalibrate(calibration: Calibration, reviewed: ValBoxes, min_reviewed_accep
         if min_reviewed_accepted == 0 or in_range < min_reviewed_accepted or right in (0, n):
             classes.append(cls)
             continue
-        calibrator = fit_calibrator(scores, consistency, correct)
+        calibrator = refit_isotonic(cls.calibrator, scores, consistency, correct)
         p = calibrator.predict(scores, consistency)
         threshold, calibrated, empirical, accepted = select_threshold(p, correct, calibration.target_precision)
         evidence = ReviewedEvidence(n, right, in_range, accepted, calibrated, empirical, cls.kind, cls.threshold)

@@ -325,13 +325,17 @@ def filter_pseudo_labels(
                 reason[i] = "max_per_image"
 
     alive = np.array([r is None for r in reason], dtype=bool)  # [N]
-    class_threshold = pool_thresholds(prob[alive], labels[alive], calibration.thresholds(), params.target_precision)
+    # A class re-fitted on reviewed labels accepts below their range only what val accepts too.
+    acceptable = calibration.acceptable(labels, scores, consistency)  # [N]
+    can_accept = alive & acceptable
+    class_threshold = pool_thresholds(prob[can_accept], labels[can_accept], calibration.thresholds(),
+                                      params.target_precision)
     threshold = class_threshold[labels]  # [N]
     band = ["rejected"] * n
     for i in range(n):
         if reason[i] is not None:
             continue
-        if prob[i] >= threshold[i]:
+        if acceptable[i] and prob[i] >= threshold[i]:
             band[i] = "accepted"
         elif prob[i] >= params.review_min_probability:
             band[i] = "review"
