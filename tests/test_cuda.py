@@ -1,5 +1,6 @@
-"""The CUDA path: evaluation and the teacher stage on a GPU. Skipped where there is none (CI, the project's own
-machines); run them on a lent GPU machine with ``pytest tests/test_cuda.py`` (see README, "GPU path")."""
+"""The CUDA path: evaluation, the teacher stage, and labelling ranks sharing one GPU. Skipped where there is no GPU
+(CI, the project's own machines); run them on a lent GPU machine with ``pytest tests/test_cuda.py`` (see README,
+"GPU path")."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import yaml
 from dataengine.config import DemoParams
 from dataengine.data.demo import generate_demo
 from dataengine.data.layout import PreparedLayout
-from dataengine.engine.checkpoint import load_checkpoint
+from dataengine.engine.checkpoint import load_checkpoint, save_checkpoint
 from dataengine.inference import evaluate_model
 from dataengine.models import create_model
 
@@ -63,3 +64,34 @@ def test_train_teacher_stage_trains_on_cuda_and_saves_a_cpu_loadable_checkpoint(
     model = create_model(**ckpt["model_config"]).eval()
     model.load_state_dict(ckpt["model_state"])  # a GPU-trained teacher serves CPU stages (mine, evaluate, export)
     assert model(torch.rand(1, 3, 64, 64))["cls_logits"].isfinite().all()
+
+
+def test_two_labelling_ranks_share_one_gpu_and_give_the_single_process_predictions(tiny_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    # Pseudo-labelling is host-bound on a GPU (README, "GPU path"): several ranks per GPU is how it scales there.
+    # NCCL refuses two ranks on one device, so they run Gloo, each on cuda:(LOCAL_RANK % GPUs).
+    torch.manual_seed(0)
+    model = create_model("resnet18_bifpn_gfl", 5, input_size=64, neck_channels=16)
+    names = ["circle", "square", "triangle", "star", "cross"]
+    save_checkpoint(tmp_path / "teacher" / "model.pt", model_state=model.state_dict(), model_config=model.config,
+                    class_names=names, input_size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    params = {"pseudo_label": {"batch_size": 2, "tta_scales": [1.0, 1.5], "score_threshold": 0.005,
+                               "chunk_size": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+
+    def run(out: str, *launcher: str) -> Path:
+        cmd = [sys.executable, *launcher, str(ROOT / "pipelines/pseudo_label.py"), "--params",
+               str(tmp_path / "params.yaml"), "--teacher", str(tmp_path / "teacher"), "--data", str(tiny_data),
+               "--out", str(tmp_path / out), "--no-progress"]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return tmp_path / out
+
+    one = run("one")
+    two = run("two", "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone")
+    stats = json.loads((two / "stats.json").read_text())
+    assert stats["pool"]["world_size"] == 2
+    for sub in ("pool", "val"):
+        assert (two / sub / "predictions.json").read_bytes() == (one / sub / "predictions.json").read_bytes()

@@ -46,3 +46,23 @@ def test_two_ranks_end_identical_and_only_rank0_writes(tmp_path: Path, weighted:
     last = load_checkpoint(out / "last.pt")
     assert (last["epoch"], last["extra"]["world_size"]) == (2, 2)
     assert state_hash(last["extra"]["extra_modules_state"]) == ranks[0]["adapter"]
+
+
+@pytest.mark.parametrize(("cuda", "gpus", "local_world", "backend", "device"), [
+    (False, 0, "2", "gloo", "cpu"),       # CPU ranks
+    (True, 2, "2", "nccl", "cuda:1"),     # one GPU per rank
+    (True, 1, "2", "gloo", "cuda:0"),     # two ranks share one GPU: NCCL refuses that
+    (True, 4, "8", "gloo", "cuda:1"),     # rank 5 of 8 on 4 GPUs
+])
+def test_backend_and_device_follow_the_gpus_per_machine(monkeypatch: pytest.MonkeyPatch, cuda: bool, gpus: int,
+                                                        local_world: str, backend: str, device: str) -> None:
+    import torch
+
+    from dataengine.engine.distributed import default_backend, process_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    monkeypatch.setenv("LOCAL_RANK", "5" if local_world == "8" else "1")
+    assert default_backend() == backend
+    assert str(process_device()) == device

@@ -2,7 +2,10 @@
 
 A stage script calls nothing special: :class:`~dataengine.engine.Trainer` calls :func:`init_distributed`, which joins
 the process group described by ``torchrun``'s environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``) when ``WORLD_SIZE > 1`` and does nothing otherwise. Backend: NCCL on CUDA, Gloo on CPU. Only rank 0
+``MASTER_PORT``) when ``WORLD_SIZE > 1`` and does nothing otherwise. Backend: NCCL when every rank of a machine has a
+GPU of its own, else Gloo: on CPU, and when ranks share GPUs (``LOCAL_RANK`` modulo the GPU count picks the device),
+which NCCL refuses. Sharing pays for pseudo-labelling, whose per-image host work leaves one GPU mostly idle (README,
+"GPU path"); training ranks should each have their own GPU. Only rank 0
 writes files, logs and progress bars (:func:`is_main_process`); the script calls :func:`cleanup` at the end.
 
 BatchNorm under DDP: on CUDA the trainer converts BatchNorm to :class:`torch.nn.SyncBatchNorm` (batch statistics over
@@ -40,6 +43,7 @@ __all__ = [
     "broadcast_module",
     "check_sampler_weights",
     "cleanup",
+    "default_backend",
     "get_local_rank",
     "get_rank",
     "get_world_size",
@@ -81,13 +85,22 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def default_backend() -> str:
+    """``"nccl"`` when CUDA is available and this machine's ranks (``LOCAL_WORLD_SIZE``, set by ``torchrun``) do
+    not outnumber its GPUs, else ``"gloo"``."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if torch.cuda.is_available() and local_world <= torch.cuda.device_count():
+        return "nccl"
+    return "gloo"
+
+
 def init_distributed(backend: str | None = None) -> bool:
     """Join the process group described by ``torchrun``'s environment, if there is one.
 
     Idempotent: a second call (or a group the caller created) is left as it is.
 
     Args:
-        backend: ``"nccl"`` or ``"gloo"``; ``None`` picks NCCL when CUDA is available, else Gloo.
+        backend: ``"nccl"`` or ``"gloo"``; ``None``: :func:`default_backend`.
 
     Returns:
         Whether this process is part of a multi-process group.
@@ -108,9 +121,9 @@ def init_distributed(backend: str | None = None) -> bool:
         raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer") from None
     if world_size <= 1:
         return False
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-    if backend == "nccl":
-        torch.cuda.set_device(get_local_rank())
+    backend = backend or default_backend()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(process_device())
     dist.init_process_group(backend=backend)  # env:// rendezvous set up by torchrun
     return True
 
@@ -123,7 +136,7 @@ def process_device() -> torch.device:
         True
     """
     if torch.cuda.is_available():
-        return torch.device("cuda", get_local_rank())
+        return torch.device("cuda", get_local_rank() % torch.cuda.device_count())
     return torch.device("cpu")
 
 
@@ -132,7 +145,7 @@ def barrier() -> None:
     if not is_distributed():
         return
     if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[get_local_rank()])
+        dist.barrier(device_ids=[process_device().index])
     else:
         dist.barrier()
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from dvclive import Live
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -179,8 +180,9 @@ class Trainer:
 
         self.net: nn.Module = self.model  # what the forward goes through (DDP wrapper under torchrun)
         if self.world_size > 1:
-            if self.device.type == "cuda":
-                # Batch statistics over all ranks; CPU tensors are refused by SyncBatchNorm (see distributed.py).
+            if self.device.type == "cuda" and dist.get_backend() == "nccl":
+                # Batch statistics over all ranks; CPU tensors are refused by SyncBatchNorm (see distributed.py), and
+                # ranks sharing a GPU run Gloo: per-rank statistics there, as on CPU.
                 self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             # DDP's default syncs rank 0's buffers at construction and before every forward (``broadcast_buffers``,
             # renamed ``forward_sync_buffers`` in recent torch; left at its default to work with both names).
