@@ -68,7 +68,8 @@ def predict_coco(
             for det, target in zip(dets, targets):
                 h, w = (int(v) for v in target["orig_size"])
                 scale, pad_x, pad_y = letterbox_params(h, w, input_size)
-                boxes = clip_xyxy(unletterbox_boxes(det["boxes"].float().cpu(), scale, pad_x, pad_y), w, h)  # [M, 4]
+                xyxy = unletterbox_boxes(det["boxes"].float().cpu(), scale, pad_x, pad_y)
+                boxes = clip_xyxy(xyxy, w, h)  # [M, 4]
                 for box, score, label in zip(xyxy_to_coco(boxes).tolist(), det["scores"].tolist(),
                                              det["labels"].tolist()):
                     results.append({"image_id": int(target["image_id"]), "category_id": cats.ids[int(label)],

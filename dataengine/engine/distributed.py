@@ -5,15 +5,15 @@ the process group described by ``torchrun``'s environment (``WORLD_SIZE``, ``RAN
 ``MASTER_PORT``) when ``WORLD_SIZE > 1`` and does nothing otherwise. Backend: NCCL when every rank of a machine has a
 GPU of its own, else Gloo: on CPU, and when ranks share GPUs (``LOCAL_RANK`` modulo the GPU count picks the device),
 which NCCL refuses. Sharing pays for pseudo-labelling, whose per-image host work leaves one GPU mostly idle (README,
-"GPU path"); training ranks should each have their own GPU. Only rank 0
-writes files, logs and progress bars (:func:`is_main_process`); the script calls :func:`cleanup` at the end.
+"GPU path"); training ranks should each have their own GPU. Only rank 0 writes files, logs and progress bars
+(:func:`is_main_process`); the script calls :func:`cleanup` at the end.
 
-BatchNorm under DDP: on CUDA the trainer converts BatchNorm to :class:`torch.nn.SyncBatchNorm` (batch statistics over
-all ranks). SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU or XPU", torch
-``nn/modules/batchnorm.py``), so on CPU/Gloo the batch statistics are per rank; DDP's default buffer sync
-(``broadcast_buffers``, now ``forward_sync_buffers``) copies rank 0's running statistics to every rank before each
-forward, and the trainer broadcasts the buffers once more at the end of each epoch, so every rank ends an epoch with
-identical weights and buffers.
+BatchNorm under DDP: on CUDA with NCCL the trainer converts BatchNorm to :class:`torch.nn.SyncBatchNorm` (batch
+statistics over all ranks). SyncBatchNorm refuses CPU tensors ("SyncBatchNorm expected input tensor to be on GPU or
+XPU", torch ``nn/modules/batchnorm.py``), so on CPU, and with Gloo, the batch statistics are per rank; DDP's default
+buffer sync (``broadcast_buffers``, now ``forward_sync_buffers``) copies rank 0's running statistics to every rank
+before each forward, and the trainer broadcasts the buffers once more at the end of each epoch, so every rank ends an
+epoch with identical weights and buffers.
 
 Example:
     >>> init_distributed()  # no WORLD_SIZE in the environment: single process
