@@ -67,14 +67,12 @@ def write_params(base: Path, rate: float, out: Path, seed: int | None = None) ->
     return out
 
 
-def stage_commands(params: Path, run: Path) -> list[tuple[str, Path, list[str]]]:
-    """``(stage, output that marks it done, command)`` for the stages up to ``filter``, as in dvc.yaml, into ``run``."""
-    py, data, teacher = sys.executable, run / "prepared", run / "teacher"
-    decisions = run / "decisions.json"  # nobody reviewed: the filter calibrates on general val alone
+def teacher_stage_commands(params: Path, data: Path, run: Path) -> list[tuple[str, Path, list[str]]]:
+    """``(stage, output that marks it done, command)`` for ``train_teacher``, ``pseudo_label`` and ``filter`` (with
+    ``run/decisions.json``), as in dvc.yaml, on the prepared ``data``, into ``run``; ``benchmarks/gpu_path.py``
+    runs them too."""
+    py, teacher = sys.executable, run / "teacher"
     return [
-        ("prepare", run / "data.json",
-         [py, "pipelines/prepare.py", "--params", str(params), "--out", str(data),
-          "--metrics", str(run / "data.json")]),
         ("train_teacher", run / "teacher.json",
          [py, "pipelines/train_teacher.py", "--params", str(params), "--data", str(data), "--out", str(teacher),
           "--log-dir", str(run / "dvclive"), "--metrics", str(run / "teacher.json")]),
@@ -83,8 +81,18 @@ def stage_commands(params: Path, run: Path) -> list[tuple[str, Path, list[str]]]
           "--out", str(run / "pseudo")]),
         ("filter", run / "pseudo.json",
          [py, "pipelines/filter.py", "--params", str(params), "--pseudo", str(run / "pseudo"), "--data", str(data),
-          "--decisions", str(decisions), "--out", str(run / "filtered"), "--metrics", str(run / "pseudo.json")]),
+          "--decisions", str(run / "decisions.json"), "--out", str(run / "filtered"),
+          "--metrics", str(run / "pseudo.json")]),
     ]
+
+
+def stage_commands(params: Path, run: Path) -> list[tuple[str, Path, list[str]]]:
+    """``(stage, output that marks it done, command)`` for the stages up to ``filter``, as in dvc.yaml, into ``run``
+    (nobody reviewed: ``run/decisions.json`` is empty, the filter calibrates on general val alone)."""
+    data = run / "prepared"
+    prepare = [sys.executable, "pipelines/prepare.py", "--params", str(params), "--out", str(data),
+               "--metrics", str(run / "data.json")]
+    return [("prepare", run / "data.json", prepare), *teacher_stage_commands(params, data, run)]
 
 
 def accepted_on_confusers(accepted: dict[str, Any], hidden: dict[str, Any]) -> dict[str, int]:

@@ -45,6 +45,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.calibration_coverage import teacher_stage_commands  # noqa: E402
 from dataengine.config import load_params  # noqa: E402
 from dataengine.export import git_commit  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
@@ -115,24 +116,12 @@ def stage_commands(params: Path, data: Path, run: Path, *, student: str | None, 
                    mined: Path) -> list[tuple[str, Path, list[str]]]:
     """``(stage, output that marks it done, command)`` as in dvc.yaml, into ``run``; ``distill`` only for a
     ``student``."""
-    py, teacher = sys.executable, run / "teacher"
-    stages = [
-        ("train_teacher", run / "teacher.json",
-         [py, "pipelines/train_teacher.py", "--params", str(params), "--data", str(data), "--out", str(teacher),
-          "--log-dir", str(run / "dvclive"), "--metrics", str(run / "teacher.json")]),
-        ("pseudo_label", run / "pseudo" / "stats.json",
-         [py, "pipelines/pseudo_label.py", "--params", str(params), "--teacher", str(teacher), "--data", str(data),
-          "--out", str(run / "pseudo")]),
-        ("filter", run / "pseudo.json",
-         [py, "pipelines/filter.py", "--params", str(params), "--pseudo", str(run / "pseudo"), "--data", str(data),
-          "--decisions", str(run / "decisions.json"), "--out", str(run / "filtered"),
-          "--metrics", str(run / "pseudo.json")]),
-    ]
+    stages = teacher_stage_commands(params, data, run)
     if student:
         stages.append(
             ("distill", run / "student.json",
-             [py, "pipelines/distill.py", "--student", student, "--params", str(params),
-              "--teacher", str(teacher / "model.pt"), "--data", str(data), "--curated", str(curated),
+             [sys.executable, "pipelines/distill.py", "--student", student, "--params", str(params),
+              "--teacher", str(run / "teacher" / "model.pt"), "--data", str(data), "--curated", str(curated),
               "--plan", str(plan), "--mined", str(mined), "--out", str(run / "student"),
               "--log-dir", str(run / "dvclive_student"), "--metrics", str(run / "student.json")]))
     return stages
