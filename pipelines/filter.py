@@ -1,6 +1,7 @@
 """DVC stage `filter`: calibrate the teacher on general val (and, per class, on the reviewers' decisions once there
 are enough of them), split the pool's pseudo-labels into accepted / review / rejected, draw the audit sample, write
-the filtered semantic masks and metrics/pseudo.json (true quality only where hidden labels exist)."""
+the filtered semantic masks, metrics/pseudo.json and the reliability plot (true quality, and the plot's pool series
+from hidden labels, only where hidden labels exist)."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def main() -> int:
     val_calibration = fit_calibration(val, pool["class_names"], params)
     records = pool_records(pool)
     verdicts = teacher_verdicts(load_decisions(args.decisions), records)
-    calibration = recalibrate(val_calibration, reviewed_boxes(records, verdicts), params.min_reviewed_accepted)
+    reviewed = reviewed_boxes(records, verdicts)
+    calibration = recalibrate(val_calibration, reviewed, params.min_reviewed_accepted)
     categories = CategoryMap.from_names(pool["class_names"])
     accepted, review, rejected, stats = filter_pseudo_labels(pool, calibration, params, categories)
     audit = audit_sample(accepted, params.audit_per_class, params.audit_seed)
@@ -65,7 +67,6 @@ def main() -> int:
     atomic_write_json(out / "rejected.json", rejected, indent=None)
     atomic_write_json(out / "audit.json", audit, indent=1)
     atomic_write_json(out / "calibration.json", calibration.to_dict())
-    plot_reliability(val_calibration, val, out / "reliability.png")
 
     # Speed of the labelling run that produced these predictions; a run that reused every chunk measured none.
     pseudo_stats = read_json(pseudo / "stats.json").get("pool", {}) if (pseudo / "stats.json").is_file() else {}
@@ -73,9 +74,12 @@ def main() -> int:
     metrics = pseudo_metrics(stats, accepted, calibration, speed)
     metrics["reviewed_labels"] = len(verdicts)
     metrics["audit"] = audit_metrics(audit, verdicts)
+    pool_truth = None
     if layout.pool_hidden.is_file():  # diagnostic only: written after every decision above
         metrics.update(diagnostic_metrics(accepted, review, layout.pool_hidden, params.match_iou,
                                           metrics["estimated_precision"]))
+        pool_truth = match_val_predictions(pool, load_coco(layout.pool_hidden), params.match_iou, split="pool")
+    plot_reliability(val_calibration, val, out / "reliability.png", pool_truth=pool_truth, reviewed=reviewed)
     atomic_write_json(args.metrics, metrics)
     refitted = [c.name for c in calibration.classes if c.kind == "reviewed"]
     print(f"filter: {stats['accepted']} accepted, {stats['review']} to review, {stats['rejected']} rejected "

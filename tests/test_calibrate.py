@@ -297,6 +297,9 @@ def test_match_val_predictions_is_class_aware_and_one_to_one() -> None:
     with pytest.raises(ValueError, match="val/c.png"):
         match_val_predictions({**preds, "images": [{"file_name": "val/c.png"}],
                                "boxes": [_box("val/c.png", [0, 0, 1, 1], 0, 0.5)]}, VAL_GT, 0.5)
+    with pytest.raises(ValueError, match="pool predictions on files not in the pool ground truth.*val/c.png"):
+        match_val_predictions({**preds, "images": [{"file_name": "val/c.png"}],
+                               "boxes": [_box("val/c.png", [0, 0, 1, 1], 0, 0.5)]}, VAL_GT, 0.5, split="pool")
 
 
 def test_load_predictions_names_the_bad_box(tmp_path: Path) -> None:
@@ -319,3 +322,24 @@ def test_reliability_plot_is_written(tmp_path: Path) -> None:
     plot_reliability(cal, val, tmp_path / "rel.png")
     data = (tmp_path / "rel.png").read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_reliability_plot_shows_how_the_val_calibration_transfers_to_the_pool(tmp_path: Path) -> None:
+    val = _synthetic(2000, seed=7)  # P(correct) = score^2
+    cal = fit_calibration(val, ["cat"], FilterParams(min_calibration_boxes=30))
+    pool = _synthetic(2000, seed=8, truth=lambda s, c: s**2 / 2)  # the same scores, right half as often
+    reviewed = _synthetic(300, seed=9)  # right as often as on val
+    drawn = plot_reliability(cal, val, tmp_path / "rel.png", pool_truth=pool, reviewed=reviewed)
+    assert (tmp_path / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(drawn) == ["cat", "all classes"]
+    assert list(drawn["cat"]) == ["val, calibrated p", "pool, hidden labels", "pool, reviewed labels"]
+    assert sum(n for *_, n in drawn["all classes"]["pool, hidden labels"]) == 2000
+    (p_val, acc_val, _), (p_pool, acc_pool, n_pool) = drawn["cat"]["val, calibrated p"][-1], \
+        drawn["cat"]["pool, hidden labels"][-1]
+    assert p_val > 0.8 and acc_val == pytest.approx(p_val, abs=0.03)  # in-sample: on the diagonal
+    assert n_pool > 50 and acc_pool == pytest.approx(p_pool / 2, abs=0.1)  # the pool: half as often right
+    (p_rev, acc_rev, n_rev), = [b for b in drawn["cat"]["pool, reviewed labels"] if b[0] > 0.7][-1:]
+    assert n_rev > 15 and acc_rev > p_rev - 0.2  # reviewed like val: near the diagonal, far above the pool
+    nobody = ValBoxes(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool))
+    assert plot_reliability(cal, val, tmp_path / "rel2.png", reviewed=nobody) == {"cat": {"val, calibrated p": drawn["cat"]["val, calibrated p"]},
+            "all classes": {"val, calibrated p": drawn["all classes"]["val, calibrated p"]}}

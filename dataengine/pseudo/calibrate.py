@@ -103,6 +103,7 @@ __all__ = [
     "fit_calibration",
     "ReviewedEvidence",
     "recalibrate",
+    "ReliabilitySeries",
     "plot_reliability",
 ]
 
@@ -203,14 +204,19 @@ class ValBoxes:
     correct: np.ndarray
 
 
-def match_val_predictions(val_predictions: dict[str, Any], val_gt: dict[str, Any], match_iou: float) -> ValBoxes:
+def match_val_predictions(val_predictions: dict[str, Any], val_gt: dict[str, Any], match_iou: float, *,
+                          split: str = "val") -> ValBoxes:
     """Match the teacher's val boxes to the val ground truth (class-aware, one-to-one, at ``match_iou``).
+
+    The filter stage also matches the pool's boxes to the pool's hidden labels this way (``split="pool"``), for the
+    reliability plot's diagnostic series only.
 
     Args:
         val_predictions: ``<pseudo>/val/predictions.json``; ``file_name`` relative to ``general/images``.
         val_gt: General val COCO (``general/val.json``); its categories, by ascending id, must carry the teacher's
             ``class_names`` in the same order.
         match_iou: IoU for a match.
+        split: The split's name in error messages.
 
     Returns:
         The boxes in input order and their correctness.
@@ -227,16 +233,16 @@ def match_val_predictions(val_predictions: dict[str, Any], val_gt: dict[str, Any
         >>> match_val_predictions(preds, gt, 0.5).correct.tolist()
         [True, False]
     """
-    check_predictions(val_predictions, "val predictions")
+    check_predictions(val_predictions, f"{split} predictions")
     cats = CategoryMap.from_coco(val_gt)
     if list(cats.names) != list(val_predictions["class_names"]):
-        raise ValueError(f"val ground truth classes {list(cats.names)} differ from the teacher's classes "
+        raise ValueError(f"{split} ground truth classes {list(cats.names)} differ from the teacher's classes "
                          f"{val_predictions['class_names']} (the teacher must be trained on this data)")
     image_ids = {img["file_name"]: img["id"] for img in val_gt["images"]}
     boxes = val_predictions["boxes"]
     missing = sorted({b["file_name"] for b in boxes} - set(image_ids))
     if missing:
-        raise ValueError(f"val predictions on files not in the val ground truth: {missing[:5]}"
+        raise ValueError(f"{split} predictions on files not in the {split} ground truth: {missing[:5]}"
                          f"{f' (+{len(missing) - 5} more)' if len(missing) > 5 else ''}")
     results = [{"image_id": image_ids[b["file_name"]], "category_id": cats.ids[b["label"]],
                 "bbox": xyxy_to_coco(b["bbox"]).tolist(), "score": float(b["score"])} for b in boxes]
@@ -730,19 +736,40 @@ def _reliability(prob: np.ndarray, correct: np.ndarray, bins: int) -> tuple[np.n
     return mean_p[keep] / count[keep], acc[keep] / count[keep], count[keep]
 
 
-def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, *, bins: int = 10) -> None:
-    """Write a reliability diagram PNG: per class (and all classes), accuracy against calibrated ``p`` in bins.
+ReliabilitySeries = dict[str, dict[str, list[tuple[float, float, int]]]]
+"""Per panel (class name, then ``"all classes"``), per series: ``(mean probability, fraction correct, boxes)`` of
+every non-empty bin."""
 
-    Each panel shows the calibrated probability (blue, marker area ~ box count) and the raw score (grey) against
-    the empirical accuracy of their bin, the diagonal, and the class's accept threshold (red line). On the val data
-    the calibrators were fitted on, the blue points sit on the diagonal by construction; the grey ones show what
-    calibration corrected.
+_POOL_SERIES = (("pool, hidden labels", "tab:orange"), ("pool, reviewed labels", "tab:green"))
+
+
+def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, *, bins: int = 10,
+                     pool_truth: ValBoxes | None = None, reviewed: ValBoxes | None = None) -> ReliabilitySeries:
+    """Write a reliability diagram PNG of the general-val calibration: per class (and all classes), the fraction
+    of boxes that are correct against their calibrated ``p``, in bins; on val and, where known, on the pool.
+
+    Each panel shows the diagonal, the class's accept threshold (red line) and these series (marker area ~ box count):
+
+    - **val, calibrated p** (blue): the val boxes the calibrators were fitted on. In-sample, so they sit on the
+      diagonal by construction; the raw score (grey) shows what calibration corrected.
+    - **pool, hidden labels** (orange, ``pool_truth``): every pool box, matched to the pool's hidden labels as val
+      is matched to its ground truth. A diagnostic where hidden labels exist (the demo, the BCCD profile). Below
+      the diagonal, the calibration is optimistic on the scenario: the accepted band's estimated precision is too
+      high.
+    - **pool, reviewed labels** (green, ``reviewed``): the labels people decided on. The same question answered
+      on real data, over the range of ``p`` the audit and the queue cover.
 
     Args:
-        calibration: The fitted calibration.
+        calibration: The calibration fitted on general val (not a re-calibrated one: the pool series measure how
+            val's transfers).
         val: The val boxes it was fitted on.
         path: PNG to write (atomically).
         bins: Equal-width bins of ``[0, 1]``.
+        pool_truth: Pool boxes with their correctness from hidden labels, or ``None``.
+        reviewed: Reviewed pool labels (``correct`` = the teacher was right), or ``None``.
+
+    Returns:
+        The plotted points (:data:`ReliabilitySeries`) of the series with data, without the raw score.
 
     Example:
         >>> plot_reliability(cal, val, "data/filtered/reliability.png")  # doctest: +SKIP
@@ -752,33 +779,44 @@ def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, 
     matplotlib.use("Agg")  # headless: never open a window from a pipeline stage
     import matplotlib.pyplot as plt
 
-    panels = [(c.name, f"{c.kind}, n={c.val_boxes}", val.labels == i, c.threshold)
-              for i, c in enumerate(calibration.classes)]
-    panels.append(("all classes", f"n={len(val.labels)}", np.ones(len(val.labels), dtype=bool), None))
-    prob = calibration.probability(val.labels, val.scores, val.consistency)
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
+    k_classes = len(calibration.classes)
+    names = [*(c.name for c in calibration.classes), "all classes"]
+    subtitles = [*(f"{c.kind}, n={c.val_boxes}" for c in calibration.classes), f"n={len(val.labels)}"]
+    thresholds = [*(c.threshold for c in calibration.classes), None]
+    series = [(label, colour, boxes, calibration.probability(boxes.labels, boxes.scores, boxes.consistency))
+              for (label, colour), boxes in zip((("val, calibrated p", "tab:blue"), *_POOL_SERIES),
+                                                (val, pool_truth, reviewed))
+              if boxes is not None and len(boxes.labels)]
+    drawn: ReliabilitySeries = {name: {} for name in names}
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
-    for ax, (name, subtitle, mask, threshold) in zip(axes.flat, panels):
+    for k, (ax, name) in enumerate(zip(axes.flat, names)):
         ax.plot([0, 1], [0, 1], color="black", linestyle=":", linewidth=1)
-        if mask.any():
-            x, acc, n = _reliability(val.scores[mask], val.correct[mask], bins)
-            ax.scatter(x, acc, s=10 + 90 * n / n.max(), color="grey", alpha=0.6, label="raw score")
-            x, acc, n = _reliability(prob[mask], val.correct[mask], bins)
-            ax.plot(x, acc, color="tab:blue", linewidth=1)
-            ax.scatter(x, acc, s=10 + 90 * n / n.max(), color="tab:blue", label="calibrated p")
-        if threshold is not None:
-            ax.axvline(threshold, color="tab:red", linewidth=1, label=f"threshold {threshold:.2f}")
-        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="predicted probability", ylabel="fraction correct on val",
-               title=f"{name} ({subtitle})")
-        if ax.get_legend_handles_labels()[0]:  # an empty panel (a class with no val box) has nothing to label
-            ax.legend(loc="upper left", fontsize=8)
-    for ax in list(axes.flat)[len(panels):]:
+        for label, colour, boxes, prob in series:
+            mask = boxes.labels == k if k < k_classes else np.ones(len(boxes.labels), dtype=bool)
+            if not mask.any():
+                continue
+            if boxes is val:  # what calibration corrected
+                x, acc, n = _reliability(val.scores[mask], val.correct[mask], bins)
+                ax.scatter(x, acc, s=10 + 90 * n / n.max(), color="grey", alpha=0.6, label="val, raw score")
+            x, acc, n = _reliability(prob[mask], boxes.correct[mask], bins)
+            drawn[name][label] = [(float(a), float(b), int(c)) for a, b, c in zip(x, acc, n)]
+            ax.plot(x, acc, color=colour, linewidth=1)
+            ax.scatter(x, acc, s=10 + 90 * n / n.max(), color=colour, label=f"{label} ({int(mask.sum())})")
+        if thresholds[k] is not None:
+            ax.axvline(thresholds[k], color="tab:red", linewidth=1, label=f"threshold {thresholds[k]:.2f}")
+        ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="calibrated probability (general val)", ylabel="fraction correct",
+               title=f"{name} ({subtitles[k]})")
+        if ax.get_legend_handles_labels()[0]:  # an empty panel (a class with no box) has nothing to label
+            ax.legend(loc="upper left", fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"Reliability on general val (match IoU {calibration.match_iou}, "
+    fig.suptitle(f"Reliability of the general-val calibration (match IoU {calibration.match_iou}, "
                  f"target precision {calibration.target_precision})")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return drawn
