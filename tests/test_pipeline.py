@@ -67,3 +67,20 @@ def test_prepare_refuses_bad_params(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "data.on_bad" in result.stderr + result.stdout and "one of 'stop', 'skip'" in result.stderr + result.stdout
     assert not (proj / "data/prepared").exists()
+
+
+def test_dvc_plots_name_every_student_and_baseline_by_its_curves_folder() -> None:
+    # dvc.yaml cannot loop over distill.students outside a stage, so its top-level plots name the students; a student
+    # added to params.yaml must be added there too. A run's own folder holds metrics.json and params.yaml, which
+    # `dvc plots show` cannot draw (it warned on each), hence the plots/metrics folder.
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    students = list(yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]["students"])
+    curves = sorted(name for entry in plots for name in (entry if isinstance(entry, dict) else {entry: None})
+                    if name.startswith("dvclive/"))
+    assert curves == sorted(["dvclive/teacher/plots/metrics",
+                             *(f"dvclive/{kind}/{s}/plots/metrics" for kind in ("students", "baselines")
+                               for s in students)])
+    pr = next(entry for entry in plots if isinstance(entry, dict) and next(iter(entry)).startswith("Precision-recall"))
+    assert next(iter(pr.values()))["y"]["plots/evaluate/pr_curves.csv"] == [
+        "teacher", *(f"student/{s}" for s in students), *(f"baseline/{s}" for s in students)]
+    assert "data/filtered/reliability.png" in plots
