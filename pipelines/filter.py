@@ -79,7 +79,9 @@ def main() -> int:
         metrics.update(diagnostic_metrics(accepted, review, layout.pool_hidden, params.match_iou,
                                           metrics["estimated_precision"]))
         pool_truth = match_val_predictions(pool, load_coco(layout.pool_hidden), params.match_iou, split="pool")
-    plot_reliability(val_calibration, val, out / "reliability.png", pool_truth=pool_truth, reviewed=reviewed)
+    applied = {c.name: stats["per_class"][c.name]["threshold"] for c in calibration.classes if c.kind != "reviewed"}
+    plot_reliability(val_calibration, val, out / "reliability.png", pool_truth=pool_truth, reviewed=reviewed,
+                     applied=applied)  # a re-calibrated class's threshold is on another scale: not drawn
     atomic_write_json(args.metrics, metrics)
     refitted = [c.name for c in calibration.classes if c.kind == "reviewed"]
     print(f"filter: {stats['accepted']} accepted, {stats['review']} to review, {stats['rejected']} rejected "

@@ -329,7 +329,7 @@ def test_reliability_plot_shows_how_the_val_calibration_transfers_to_the_pool(tm
     cal = fit_calibration(val, ["cat"], FilterParams(min_calibration_boxes=30))
     pool = _synthetic(2000, seed=8, truth=lambda s, c: s**2 / 2)  # the same scores, right half as often
     reviewed = _synthetic(300, seed=9)  # right as often as on val
-    drawn = plot_reliability(cal, val, tmp_path / "rel.png", pool_truth=pool, reviewed=reviewed)
+    drawn = plot_reliability(cal, val, tmp_path / "rel.png", pool_truth=pool, reviewed=reviewed, applied={"cat": 0.95})
     assert (tmp_path / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert list(drawn) == ["cat", "all classes"]
     assert list(drawn["cat"]) == ["val, calibrated p", "pool, hidden labels", "pool, reviewed labels"]

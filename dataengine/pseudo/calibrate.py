@@ -744,11 +744,14 @@ _POOL_SERIES = (("pool, hidden labels", "tab:orange"), ("pool, reviewed labels",
 
 
 def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, *, bins: int = 10,
-                     pool_truth: ValBoxes | None = None, reviewed: ValBoxes | None = None) -> ReliabilitySeries:
+                     pool_truth: ValBoxes | None = None, reviewed: ValBoxes | None = None,
+                     applied: dict[str, float | None] | None = None) -> ReliabilitySeries:
     """Write a reliability diagram PNG of the general-val calibration: per class (and all classes), the fraction
     of boxes that are correct against their calibrated ``p``, in bins; on val and, where known, on the pool.
 
-    Each panel shows the diagonal, the class's accept threshold (red line) and these series (marker area ~ box count):
+    Each panel shows the diagonal, the class's val threshold (red line), the threshold the filter applied where it
+    differs (dashed: raised for the pool's own mix, or from a re-calibration) and these series (marker area ~ box
+    count):
 
     - **val, calibrated p** (blue): the val boxes the calibrators were fitted on. In-sample, so they sit on the
       diagonal by construction; the raw score (grey) shows what calibration corrected.
@@ -767,6 +770,8 @@ def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, 
         bins: Equal-width bins of ``[0, 1]``.
         pool_truth: Pool boxes with their correctness from hidden labels, or ``None``.
         reviewed: Reviewed pool labels (``correct`` = the teacher was right), or ``None``.
+        applied: The threshold the filter applied per class name (``metrics["per_class"][name]["threshold"]``), on
+            the same calibrated scale only where the class was not re-calibrated; ``None``: not drawn.
 
     Returns:
         The plotted points (:data:`ReliabilitySeries`) of the series with data, without the raw score.
@@ -805,7 +810,10 @@ def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, 
             ax.plot(x, acc, color=colour, linewidth=1)
             ax.scatter(x, acc, s=10 + 90 * n / n.max(), color=colour, label=f"{label} ({int(mask.sum())})")
         if thresholds[k] is not None:
-            ax.axvline(thresholds[k], color="tab:red", linewidth=1, label=f"threshold {thresholds[k]:.2f}")
+            ax.axvline(thresholds[k], color="tab:red", linewidth=1, label=f"val threshold {thresholds[k]:.2f}")
+        used = (applied or {}).get(name)
+        if used is not None and used != thresholds[k]:
+            ax.axvline(used, color="tab:red", linewidth=1, linestyle="--", label=f"applied threshold {used:.2f}")
         ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="calibrated probability (general val)", ylabel="fraction correct",
                title=f"{name} ({subtitles[k]})")
         if ax.get_legend_handles_labels()[0]:  # an empty panel (a class with no box) has nothing to label
