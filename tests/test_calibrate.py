@@ -338,8 +338,8 @@ def test_reliability_plot_shows_how_the_val_calibration_transfers_to_the_pool(tm
         drawn["cat"]["pool, hidden labels"][-1]
     assert p_val > 0.8 and acc_val == pytest.approx(p_val, abs=0.03)  # in-sample: on the diagonal
     assert n_pool > 50 and acc_pool == pytest.approx(p_pool / 2, abs=0.1)  # the pool: half as often right
-    (p_rev, acc_rev, n_rev), = [b for b in drawn["cat"]["pool, reviewed labels"] if b[0] > 0.7][-1:]
+    p_rev, acc_rev, n_rev = [b for b in drawn["cat"]["pool, reviewed labels"] if b[0] > 0.7][-1]
     assert n_rev > 15 and acc_rev > p_rev - 0.2  # reviewed like val: near the diagonal, far above the pool
     nobody = ValBoxes(np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0), np.zeros(0, dtype=bool))
-    assert plot_reliability(cal, val, tmp_path / "rel2.png", reviewed=nobody) == {"cat": {"val, calibrated p": drawn["cat"]["val, calibrated p"]},
-            "all classes": {"val, calibrated p": drawn["all classes"]["val, calibrated p"]}}
+    only_val = plot_reliability(cal, val, tmp_path / "rel2.png", reviewed=nobody)  # no decision yet: no green series
+    assert only_val == {name: {"val, calibrated p": drawn[name]["val, calibrated p"]} for name in drawn}

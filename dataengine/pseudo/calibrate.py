@@ -750,8 +750,7 @@ def plot_reliability(calibration: Calibration, val: ValBoxes, path: str | Path, 
     of boxes that are correct against their calibrated ``p``, in bins; on val and, where known, on the pool.
 
     Each panel shows the diagonal, the class's val threshold (red line), the threshold the filter applied where it
-    differs (dashed: raised for the pool's own mix, or from a re-calibration) and these series (marker area ~ box
-    count):
+    differs (dashed: raised for the pool's own mix) and these series (marker area ~ box count):
 
     - **val, calibrated p** (blue): the val boxes the calibrators were fitted on. In-sample, so they sit on the
       diagonal by construction; the raw score (grey) shows what calibration corrected.
