@@ -197,6 +197,10 @@ class PseudoLabelParams:
     max_detections: int = _range(1, 10_000, default=100)
     chunk_size: int = _range(1, 100_000, default=64)  # images per atomically written output chunk (resume unit)
     segmentation: bool = True
+    # Re-estimate the teacher's BatchNorm statistics on each image set before labelling it (AdaBN, pseudo.adapt),
+    # from at most adapt_bn_images of its images.
+    adapt_bn: bool = False
+    adapt_bn_images: int = _range(1, None, default=1024)
 
 
 @dataclass(frozen=True)

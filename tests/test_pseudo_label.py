@@ -9,6 +9,7 @@ import os
 import re
 import resource
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -238,7 +239,8 @@ def stage(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                     class_names=list(CLASS_NAMES), input_size=64, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
     # An untrained GFL head scores about 0.01 everywhere: a low threshold gives every image some boxes to fuse.
     params = {"pseudo_label": {"batch_size": 2, "num_workers": 1, "tta_hflip": True, "tta_scales": [1.0, 1.5],
-                               "score_threshold": 0.005, "max_detections": 10, "chunk_size": 2, "segmentation": True}}
+                               "score_threshold": 0.005, "max_detections": 10, "chunk_size": 2, "segmentation": True,
+                               "adapt_bn": True}}  # kill-and-resume and two ranks cover the adapted statistics
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return {"root": root, "data": data, "teacher": root / "teacher", "params": root / "params.yaml"}
 
@@ -265,6 +267,9 @@ def test_stage_outputs(reference: Path) -> None:
     stats = json.loads((reference / "stats.json").read_text())
     assert (stats["pool"]["images"], stats["pool"]["chunks"], stats["val"]["images"]) == (12, 6, 3)
     assert stats["pool"]["boxes"] > 0 and stats["pool"]["images_per_second"] > 0
+    # Each set is labelled with its own BatchNorm statistics (pseudo.adapt), stored for a re-run.
+    assert (stats["pool"]["adapt_bn"]["images"], stats["val"]["adapt_bn"]["images"]) == (12, 3)
+    assert (reference / "pool" / "batchnorm.pt").is_file() and (reference / "val" / "batchnorm.pt").is_file()
     pool = json.loads((reference / "pool" / "predictions.json").read_text())
     assert pool["class_names"] == list(CLASS_NAMES) and [v["size"] for v in pool["tta"]["views"]] == [64, 64, 96, 96]
     assert "cam3/dusk/00003.JPG" in [i["file_name"] for i in pool["images"]]
@@ -414,7 +419,11 @@ def test_full_disk_stops_with_one_line_and_leaves_no_partial_file(stage: dict[st
     stage = _serial_params(stage, tmp_path)
     out = tmp_path / "out"
     # A real write failure: files may not grow past one byte less than the merged predictions (RLIMIT_FSIZE; the
-    # write gets EFBIG, as Python ignores SIGXFSZ). Smaller files (PNGs, chunks) fit; the merge does not.
+    # write gets EFBIG, as Python ignores SIGXFSZ). Smaller files (PNGs, chunks) fit; the merge does not. The
+    # BatchNorm statistics, larger still, are there from an earlier run (a re-run reads them, never rewrites them).
+    for sub in ("pool", "val"):
+        (out / sub).mkdir(parents=True)
+        shutil.copy(reference / sub / "batchnorm.pt", out / sub / "batchnorm.pt")
     limit = (reference / "pool" / "predictions.json").stat().st_size - 1
     proc = subprocess.run([sys.executable, *_cmd(stage, out)], env=ENV, capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
@@ -490,7 +499,7 @@ def test_streamed_predictions_file_is_exactly_the_json_of_the_merged_chunks(tmp_
         if files:
             assert [len(merged[k]) for k in ("images", "boxes", "skipped")] == [5, 4, 1]  # 3 chunks, 1 skipped
         header = {k: v for k, v in written.items() if k not in merged}
-        assert list(header) == ["class_names", "category_ids", "model", "tta", "fingerprint"]
+        assert list(header) == ["class_names", "category_ids", "model", "tta", "adapt_bn", "fingerprint"]
         expected = json.dumps({**merged, **header}, indent=None, allow_nan=False) + "\n"
         assert (out / "predictions.json").read_text() == expected  # byte for byte, key order included
         assert (stats["images"], stats["boxes"], stats["skipped_files"]) == (

@@ -1,6 +1,7 @@
 """Pseudo-labelling: the teacher labels the scenario pool with test-time augmentation (boxes fused across views with
 per-box agreement measures, soft segmentation with an uncertainty map), sharded over ``torchrun`` ranks and
-resumable chunk by chunk.
+resumable chunk by chunk; optionally with the teacher's BatchNorm statistics re-estimated on the images it labels
+(:mod:`~dataengine.pseudo.adapt`).
 
 Example:
     >>> from dataengine.pseudo import label_images, tta_views
@@ -8,6 +9,7 @@ Example:
     [128, 160]
 """
 
+from dataengine.pseudo.adapt import adapt_batchnorm
 from dataengine.pseudo.fusion import FusedBoxes, ViewBoxes, fuse_boxes
 from dataengine.pseudo.label import (
     PREDICTIONS_FILE,
@@ -32,6 +34,7 @@ __all__ = [
     "FusedBoxes",
     "TTAView",
     "ViewBoxes",
+    "adapt_batchnorm",
     "encode_segmentation",
     "flip_image_regions",
     "fuse_boxes",

@@ -11,20 +11,22 @@ Output directory::
     <out>/seg/<file>.label.png             uint8, original size: argmax class (0 background, label + 1)
     <out>/seg/<file>.confidence.png        uint8: round(255 * max class probability)
     <out>/seg/<file>.uncertainty.png       uint8: round(255 * entropy / log(K + 1)) (normalised entropy)
+    <out>/batchnorm.pt                     with ``adapt_bn``: the BatchNorm statistics of these images (a re-run's)
 
 ``<file>`` mirrors the image's path relative to the image root (``cam3/dusk/x.JPG`` ->
 ``seg/cam3/dusk/x.JPG.label.png``). ``predictions.json`` holds ``images`` (``file_name``, ``width``, ``height``,
 ``seg``: the three paths relative to ``<out>``, or ``null`` without segmentation), ``boxes`` (``file_name``,
 ``bbox`` xyxy original pixels, ``label``, ``category_id``, ``score``, ``consistency``, ``score_std``, ``views``; see
 :mod:`~dataengine.pseudo.fusion`), ``skipped`` (``file_name``, ``reason``), ``class_names``, ``category_ids``,
-``model`` (the model's config), ``tta`` and ``fingerprint``. Images follow the sorted file list; boxes follow their
+``model`` (the model's config), ``tta``, ``adapt_bn`` (images and layers of the BatchNorm adaptation, or ``null``;
+:mod:`~dataengine.pseudo.adapt`) and ``fingerprint``. Images follow the sorted file list; boxes follow their
 images, then decreasing score.
 
 Sharding and resume: the sorted file list is cut into chunks of ``chunk_size`` images; chunk ``i`` is labelled by
 rank ``i % world_size``, in batches that never straddle two chunks, so every image is predicted in the same batch
 whatever the number of ranks or restarts. A chunk's PNGs are written first, then its JSON (atomically), so an
 existing chunk JSON means a finished chunk. A re-run skips the chunks whose JSON carries the same **fingerprint**
-(a hash of the model's weights and config, the TTA and fusion settings, the classes and the chunk's files); chunks of
+(a hash of the model's weights, BatchNorm statistics and config, the TTA and fusion settings, the classes and the chunk's files); chunks of
 another model or setting are redone. Rank 0 then merges the chunks and removes what no chunk refers to (chunks of a
 longer file list, PNGs of images no longer listed, temporary files of a killed write), so a killed and re-run
 labelling leaves exactly the files an uninterrupted one does.
@@ -55,18 +57,24 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dataengine.config import PseudoLabelParams
 from dataengine.data.coco import CategoryMap
-from dataengine.data.images import ImageReadError, read_image
-from dataengine.data.transforms import Letterbox
 from dataengine.engine.distributed import get_rank, get_world_size, is_distributed, is_main_process
 from dataengine.io import atomic_write, atomic_write_bytes, atomic_write_json, read_json, safe_join
+from dataengine.pseudo.adapt import BATCHNORM_FILE, adapt_batchnorm, hash_state
 from dataengine.pseudo.fusion import FusedBoxes, ViewBoxes, fuse_boxes
-from dataengine.pseudo.tta import TTAView, flip_image_regions, tta_views, view_boxes_to_original, view_probs_to_original
+from dataengine.pseudo.tta import (
+    TTADataset,
+    TTAView,
+    collate_views,
+    flip_image_regions,
+    tta_views,
+    view_boxes_to_original,
+    view_probs_to_original,
+)
 
 __all__ = [
     "CHUNK_FORMAT",
@@ -83,45 +91,6 @@ PREDICTIONS_FILE = "predictions.json"
 CHUNK_FORMAT = "dataengine-pseudo-chunk-v1"
 SEG_SUFFIXES = {"label": ".label.png", "confidence": ".confidence.png", "uncertainty": ".uncertainty.png"}
 """File name suffixes of the three segmentation PNGs of an image."""
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _TTADataset(Dataset[dict[str, Any]]):
-    """Reads each image once and letterboxes it to every view size (uint8, so workers send 4x fewer bytes).
-
-    An unreadable image yields ``{"index", "file_name", "error"}`` instead of raising, so one bad file neither stops
-    the run nor is silently dropped.
-    """
-
-    def __init__(self, root: Path, files: Sequence[str], sizes: Sequence[int]) -> None:
-        self.root, self.files, self.sizes = root, list(files), list(sizes)
-        self.letterboxes = [Letterbox(size) for size in self.sizes]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        name = self.files[index]
-        try:
-            pixels = read_image(safe_join(self.root, name))  # [H, W, 3] uint8
-        except ImageReadError as err:
-            return {"index": index, "file_name": name, "error": str(err)}
-        image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))  # [3, H, W]
-        return {"index": index, "file_name": name, "orig_size": (int(pixels.shape[0]), int(pixels.shape[1])),
-                "views": [lb(image).as_subclass(torch.Tensor) for lb in self.letterboxes]}  # [3, S, S] each
-
-
-def _collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    ok = [item for item in items if "error" not in item]
-    images = [torch.stack([item["views"][j] for item in ok]) for j in range(len(ok[0]["views"]))] if ok else []
-    return {"items": [{k: v for k, v in item.items() if k != "views"} for item in ok],
-            "images": images,  # per view size: uint8 [B, 3, S, S]
-            "skipped": [{"file_name": item["file_name"], "reason": item["error"], "index": item["index"]}
-                        for item in items if "error" in item]}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -338,9 +307,7 @@ def run_fingerprint(model: nn.Module, views: Sequence[TTAView], params: PseudoLa
             "max_detections": params.max_detections, "segmentation": segmentation,
             "class_names": list(categories.names), "category_ids": list(categories.ids)}
     digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    hash_state(digest, model)
     return digest.hexdigest()
 
 
@@ -449,7 +416,9 @@ def label_images(
 
     Args:
         model: The teacher (:class:`~dataengine.models.MultiTaskDetSeg`), on the device to run on; it is put in
-            eval mode and its memory format is restored afterwards.
+            eval mode and its memory format is restored afterwards. With ``params.adapt_bn`` a copy labels, its
+            BatchNorm statistics re-estimated on these images (:mod:`~dataengine.pseudo.adapt`); ``model`` is
+            left as it was.
         image_root: Folder the file names are relative to.
         files: Image paths relative to ``image_root`` (any order: they are sorted; duplicates are refused).
         params: The ``pseudo_label`` params; ``segmentation=False`` skips the masks (e.g. for calibration images).
@@ -462,7 +431,8 @@ def label_images(
     Returns:
         ``images`` (labelled, all chunks), ``skipped``, ``skipped_files``, ``boxes``, ``chunks``,
         ``reused_chunks``, ``labelled_this_run``, ``seconds`` and ``images_per_second`` (this run's images over its
-        wall time, all ranks), ``views``, ``world_size``.
+        wall time, all ranks, the BatchNorm adaptation included), ``views``, ``world_size`` and ``adapt_bn``
+        (:func:`~dataengine.pseudo.adapt.adapt_batchnorm`'s info, or ``None``).
 
     Raises:
         ValueError: Duplicate file names, TTA scales that collide, or categories that do not match the model.
@@ -490,6 +460,13 @@ def label_images(
         segmentation = False
     views = tta_views(int(getattr(model, "input_size")), params.tta_scales, params.tta_hflip)
     sizes = list(dict.fromkeys(v.size for v in views))
+    adaptation = None
+    if params.adapt_bn:  # label with a copy normalised by these images' own BatchNorm statistics
+        model, adaptation = adapt_batchnorm(model, image_root, files, views, out_dir=out_dir,
+                                            batch_size=params.batch_size, max_images=params.adapt_bn_images,
+                                            num_workers=params.num_workers, progress=progress)
+    elif is_main_process():
+        (out_dir / BATCHNORM_FILE).unlink(missing_ok=True)  # an adapted run's statistics: not this run's
     fingerprint = run_fingerprint(model, views, params, categories, segmentation)
     chunks = [files[i : i + params.chunk_size] for i in range(0, len(files), params.chunk_size)]
     rank, world = get_rank(), get_world_size()
@@ -502,7 +479,6 @@ def label_images(
         print(f"{out_dir}: redoing {stale} chunk(s) made by another model, setting or file list, or with missing "
               "PNGs", file=sys.stderr)
 
-    device = next(model.parameters()).device
     channels_last = True if channels_last is None else channels_last
     was_training = model.training
     model.eval()
@@ -532,7 +508,8 @@ def label_images(
                           "views": [{"size": v.size, "flip": v.flip} for v in views],
                           "score_threshold": params.score_threshold, "nms_iou": params.nms_iou,
                           "fusion_iou": params.fusion_iou, "max_detections": params.max_detections,
-                          "segmentation": segmentation}}
+                          "segmentation": segmentation},
+                  "adapt_bn": adaptation and {k: adaptation[k] for k in ("images", "layers")}}
         predictions = _merge(out_dir, chunks, fingerprint, header)
         labelled_all = sum(g["labelled"] for g in gathered)
         seconds = max(g["seconds"] for g in gathered)
@@ -541,7 +518,7 @@ def label_images(
                  "chunks": len(chunks), "reused_chunks": sum(g["reused"] for g in gathered),
                  "labelled_this_run": labelled_all, "seconds": round(seconds, 3),
                  "images_per_second": round(labelled_all / seconds, 3) if labelled_all else 0.0,
-                 "views": len(views), "world_size": world}
+                 "views": len(views), "world_size": world, "adapt_bn": adaptation}
     if is_distributed():
         box = [stats]
         dist.broadcast_object_list(box, src=0)
@@ -567,8 +544,8 @@ def _label_chunks(model: nn.Module, image_root: Path, chunks: list[list[str]], t
         batches += [list(range(offset + i, offset + min(i + step, n))) for i in range(0, n, step)]
         offset += n
     device = next(model.parameters()).device
-    loader = DataLoader(_TTADataset(image_root, pending, sizes), batch_sampler=batches,
-                        num_workers=params.num_workers, collate_fn=_collate, pin_memory=device.type == "cuda")
+    loader = DataLoader(TTADataset(image_root, pending, sizes), batch_sampler=batches,
+                        num_workers=params.num_workers, collate_fn=collate_views, pin_memory=device.type == "cuda")
     remaining = {c: len(chunks[c]) for c in todo}
     done: dict[int, dict[str, Any]] = {c: {} for c in todo}  # chunk -> file name -> (image | skipped, boxes)
     bar = tqdm(total=len(pending), desc=f"pseudo-label {out_dir.name}", unit="img",

@@ -20,14 +20,34 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
 
 from dataengine.boxes import clip_xyxy
 from dataengine.config import ParamsError
-from dataengine.data.transforms import letterbox_params, letterbox_size, unletterbox_boxes, unletterbox_mask
+from dataengine.data.images import ImageReadError, read_image
+from dataengine.data.transforms import (
+    Letterbox,
+    letterbox_params,
+    letterbox_size,
+    unletterbox_boxes,
+    unletterbox_mask,
+)
+from dataengine.io import safe_join
 
-__all__ = ["TTAView", "flip_image_regions", "tta_views", "view_boxes_to_original", "view_probs_to_original"]
+__all__ = [
+    "TTADataset",
+    "TTAView",
+    "collate_views",
+    "flip_image_regions",
+    "tta_views",
+    "view_boxes_to_original",
+    "view_probs_to_original",
+]
 
 SIZE_MULTIPLE = 32
 
@@ -143,3 +163,38 @@ def view_probs_to_original(probs: torch.Tensor, view: TTAView, orig_h: int, orig
     scale, pad_x, pad_y = letterbox_params(orig_h, orig_w, view.size)
     out = unletterbox_mask(probs, orig_h, orig_w, scale, pad_x, pad_y)
     return out.flip(-1) if view.flip else out
+
+
+class TTADataset(Dataset[dict[str, Any]]):
+    """Reads each image once and letterboxes it to every view size (uint8, so workers send 4x fewer bytes).
+
+    An unreadable image yields ``{"index", "file_name", "error"}`` instead of raising, so one bad file neither stops
+    the run nor is silently dropped.
+    """
+
+    def __init__(self, root: Path, files: Sequence[str], sizes: Sequence[int]) -> None:
+        self.root, self.files, self.sizes = root, list(files), list(sizes)
+        self.letterboxes = [Letterbox(size) for size in self.sizes]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        name = self.files[index]
+        try:
+            pixels = read_image(safe_join(self.root, name))  # [H, W, 3] uint8
+        except ImageReadError as err:
+            return {"index": index, "file_name": name, "error": str(err)}
+        image = tv_tensors.Image(torch.from_numpy(pixels).permute(2, 0, 1))  # [3, H, W]
+        return {"index": index, "file_name": name, "orig_size": (int(pixels.shape[0]), int(pixels.shape[1])),
+                "views": [lb(image).as_subclass(torch.Tensor) for lb in self.letterboxes]}  # [3, S, S] each
+
+
+def collate_views(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch :class:`TTADataset` items: the readable ones stacked per view size, the unreadable ones listed."""
+    ok = [item for item in items if "error" not in item]
+    images = [torch.stack([item["views"][j] for item in ok]) for j in range(len(ok[0]["views"]))] if ok else []
+    return {"items": [{k: v for k, v in item.items() if k != "views"} for item in ok],
+            "images": images,  # per view size: uint8 [B, 3, S, S]
+            "skipped": [{"file_name": item["file_name"], "reason": item["error"], "index": item["index"]}
+                        for item in items if "error" in item]}
