@@ -16,7 +16,7 @@ from torch import nn
 
 from dataengine.config import PseudoLabelParams
 from dataengine.pseudo import label_images, tta_views
-from dataengine.pseudo.adapt import BATCHNORM_FILE, adapt_batchnorm, evenly_spaced
+from dataengine.pseudo.adapt import BATCHNORM_FILE, adapt_batchnorm, evenly_spaced, with_batchnorm
 
 
 def _images(root: Path, n: int, side: int = 32) -> list[str]:
@@ -157,3 +157,19 @@ def test_labeller_scores_with_adapted_statistics_and_records_them(tmp_path: Path
     # Switching the adaptation off relabels everything and removes the stored statistics.
     off = label_images(model, tmp_path / "pool", names, params, tmp_path / "adapted", progress=False)
     assert off["reused_chunks"] == 0 and not (tmp_path / "adapted" / BATCHNORM_FILE).exists()
+
+
+def test_with_batchnorm_rebuilds_the_labelling_network_and_refuses_other_files(tmp_path: Path) -> None:
+    names = _images(tmp_path / "pool", 4)
+    model, out = _net(), tmp_path / "out"
+    adapted, _ = adapt_batchnorm(model, tmp_path / "pool", names, tta_views(32, (1.0,), hflip=True), out_dir=out,
+                                 progress=False)
+    rebuilt = with_batchnorm(model, out / BATCHNORM_FILE)
+    assert not rebuilt.training and rebuilt is not model
+    assert all(torch.equal(a, b) for a, b in zip(adapted.state_dict().values(), rebuilt.state_dict().values()))
+    assert torch.equal(model[0].running_var, torch.ones(3))  # the given model keeps its statistics
+    with pytest.raises(ValueError, match=r"batchnorm\.pt: statistics for 6 buffers that do not match the model's 3"):
+        with_batchnorm(nn.Sequential(nn.BatchNorm2d(3)), out / BATCHNORM_FILE)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"junk\.pt: not a BatchNorm statistics file"):
+        with_batchnorm(model, tmp_path / "junk.pt")

@@ -50,7 +50,7 @@ from dataengine.engine.distributed import broadcast_module, is_distributed, is_m
 from dataengine.io import atomic_write_bytes
 from dataengine.pseudo.tta import TTADataset, TTAView, collate_views, flip_image_regions
 
-__all__ = ["BATCHNORM_FILE", "adapt_batchnorm", "evenly_spaced", "hash_state"]
+__all__ = ["BATCHNORM_FILE", "adapt_batchnorm", "evenly_spaced", "hash_state", "with_batchnorm"]
 
 BATCHNORM_FILE = "batchnorm.pt"
 _FORMAT = "dataengine-adabn-v1"
@@ -96,6 +96,36 @@ def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
     if not isinstance(cached, dict) or cached.get("key") != key or not isinstance(cached.get("state"), dict):
         return None
     return cached["state"]
+
+
+def with_batchnorm(model: nn.Module, path: str | Path) -> nn.Module:
+    """A copy of ``model`` (eval mode) with the BatchNorm statistics a labelling stored at ``path``.
+
+    The network that labelled an image set is the teacher with that set's statistics: this rebuilds it, e.g. to
+    evaluate it on the scenario's test images or to reuse it (``data/pseudo/pool/batchnorm.pt``).
+
+    Raises:
+        ValueError: ``path`` is not a statistics file of this module, or holds statistics of other layers or shapes
+            than ``model``'s (the message names the file).
+    """
+    path = Path(path)
+    try:
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file gets the one message below
+        raise ValueError(f"{path}: not a BatchNorm statistics file ({err})") from err
+    state = cached.get("state") if isinstance(cached, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a BatchNorm statistics file (no 'state')")
+    expected = {f"{name}.{buf}": getattr(m, buf).shape for name, m in _batchnorms(model)
+                for buf in ("running_mean", "running_var", "num_batches_tracked")}
+    got = {k: getattr(v, "shape", None) for k, v in state.items()}
+    if got != expected:
+        raise ValueError(f"{path}: statistics for {len(got)} buffers that do not match the model's {len(expected)} "
+                         f"BatchNorm buffers (another model?)")
+    adapted = copy.deepcopy(model).eval()
+    device = next(model.parameters()).device
+    adapted.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    return adapted
 
 
 def _views_of(loader: DataLoader, views: Sequence[TTAView], sizes: list[int], device: torch.device,
