@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Any
 
 from dataengine.config import load_params
 from dataengine.data.coco import CategoryMap, load_coco
@@ -20,6 +21,14 @@ from dataengine.io import atomic_write_json
 from dataengine.models import create_model
 from dataengine.pseudo import label_images
 from dataengine.stage import run_stage
+
+
+def _adaptation(pool: dict[str, Any], val: dict[str, Any]) -> str:
+    """How the teacher's BatchNorm statistics were set, for the stage's summary line."""
+    if pool["adapt_bn"] is None:
+        return "BatchNorm statistics of general train (adapt_bn off, or no BatchNorm)"
+    return (f"BatchNorm statistics re-estimated on {pool['adapt_bn']['images']} pool and "
+            f"{val['adapt_bn']['images']} val images")
 
 
 def main() -> int:
@@ -54,7 +63,7 @@ def main() -> int:
         atomic_write_json(out / "stats.json", {"pool": pool, "val": calib})
         print(f"pseudo_label: pool {pool['images']} images ({pool['skipped']} unreadable, skipped), {pool['boxes']} "
               f"boxes, {pool['images_per_second']} img/s; val {calib['images']} images, {calib['boxes']} boxes; "
-              f"wrote {out}")
+              f"{_adaptation(pool, calib)}; wrote {out}")
     cleanup()
     return 0
 

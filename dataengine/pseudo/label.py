@@ -26,10 +26,10 @@ Sharding and resume: the sorted file list is cut into chunks of ``chunk_size`` i
 rank ``i % world_size``, in batches that never straddle two chunks, so every image is predicted in the same batch
 whatever the number of ranks or restarts. A chunk's PNGs are written first, then its JSON (atomically), so an
 existing chunk JSON means a finished chunk. A re-run skips the chunks whose JSON carries the same **fingerprint**
-(a hash of the model's weights, BatchNorm statistics and config, the TTA and fusion settings, the classes and the chunk's files); chunks of
-another model or setting are redone. Rank 0 then merges the chunks and removes what no chunk refers to (chunks of a
-longer file list, PNGs of images no longer listed, temporary files of a killed write), so a killed and re-run
-labelling leaves exactly the files an uninterrupted one does.
+(a hash of the model's weights, BatchNorm statistics and config, the TTA and fusion settings, the classes and the
+chunk's files); chunks of another model or setting are redone. Rank 0 then merges the chunks and removes what no
+chunk refers to (chunks of a longer file list, PNGs of images no longer listed, temporary files of a killed write),
+so a killed and re-run labelling leaves exactly the files an uninterrupted one does.
 
 Example:
     >>> from dataengine.config import PseudoLabelParams
