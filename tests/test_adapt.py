@@ -154,6 +154,11 @@ def test_labeller_scores_with_adapted_statistics_and_records_them(tmp_path: Path
     assert json.loads((tmp_path / "plain" / "predictions.json").read_text())["adapt_bn"] is None
     assert record["fingerprint"] != json.loads((tmp_path / "plain" / "predictions.json").read_text())["fingerprint"]
 
+    # No images: nothing to adapt to, an empty labelling as without adaptation.
+    empty = label_images(model, tmp_path / "pool", [], replace(params, adapt_bn=True), tmp_path / "empty",
+                         progress=False)
+    assert (empty["images"], empty["adapt_bn"]) == (0, None)
+
     # Switching the adaptation off relabels everything and removes the stored statistics.
     off = label_images(model, tmp_path / "pool", names, params, tmp_path / "adapted", progress=False)
     assert off["reused_chunks"] == 0 and not (tmp_path / "adapted" / BATCHNORM_FILE).exists()

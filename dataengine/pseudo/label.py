@@ -461,7 +461,7 @@ def label_images(
     views = tta_views(int(getattr(model, "input_size")), params.tta_scales, params.tta_hflip)
     sizes = list(dict.fromkeys(v.size for v in views))
     adaptation = None
-    if params.adapt_bn:  # label with a copy normalised by these images' own BatchNorm statistics
+    if params.adapt_bn and files:  # label with a copy normalised by these images' own BatchNorm statistics
         model, adaptation = adapt_batchnorm(model, image_root, files, views, out_dir=out_dir,
                                             batch_size=params.batch_size, max_images=params.adapt_bn_images,
                                             num_workers=params.num_workers, progress=progress)
