@@ -62,7 +62,7 @@ from dataengine.pseudo.adapt import BATCHNORM_FILE, with_batchnorm  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from tta_scales import filter_command, pool_ap50, pseudo_label_command  # noqa: E402
+from tta_scales import accepted_band, filter_command, pool_ap50, pseudo_label_command  # noqa: E402
 
 COVERAGE = Path("benchmarks/work/calibration_coverage")
 MIN_ACCEPTED = 20  # the issue's bar counts classes with at least this many accepted labels
@@ -118,10 +118,7 @@ def teacher_test(teacher: Path, data: Path, batchnorm: Path | None) -> dict[str,
 def no_review(metrics: dict[str, Any]) -> dict[str, Any]:
     """The accepted and review bands of a ``metrics/pseudo.json``, per class and overall, and the lowest class."""
     names = [*metrics["per_class"], "overall"]
-    bands = {name: {"accepted": metrics["accepted"] if name == "overall" else metrics["per_class"][name]["accepted"],
-                    "estimated_precision": metrics["estimated_precision"][name],
-                    "true_precision": metrics["true_precision"][name], "true_recall": metrics["true_recall"][name],
-                    "review_true_precision": metrics["review_true_precision"][name]} for name in names}
+    bands = {name: accepted_band(metrics, name) for name in names}
     counted = [(band["true_precision"], name) for name, band in bands.items()
                if name != "overall" and band["accepted"] >= MIN_ACCEPTED and band["true_precision"] is not None]
     lowest = min(counted) if counted else None

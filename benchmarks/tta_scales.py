@@ -143,7 +143,9 @@ def pool_ap50(predictions: dict[str, Any], hidden: dict[str, Any]) -> dict[str, 
     return {**metrics["per_class_AP50"], "overall": metrics["AP50"]}
 
 
-def _band(metrics: dict[str, Any], name: str) -> dict[str, Any]:
+def accepted_band(metrics: dict[str, Any], name: str) -> dict[str, Any]:
+    """Accepted count, estimated and true precision, true recall and the review band's true precision of one class
+    (or ``overall``) in a ``metrics/pseudo.json``."""
     n = metrics["accepted"] if name == "overall" else metrics["per_class"][name]["accepted"]
     return {"accepted": n, "estimated_precision": metrics["estimated_precision"][name],
             "true_precision": metrics["true_precision"][name], "true_recall": metrics["true_recall"][name],
@@ -186,8 +188,8 @@ def run_scales(scales: tuple[float, ...], base_params: Path, work: Path, hidden:
     return {"scales": list(scales), "images_per_second": read_json(run / "pseudo" / "stats.json")["pool"][
                 "images_per_second"],
             "audit_images": n_images, "audit_labels": after["reviewed_labels"],
-            "per_class": {name: {"pool_AP50": ap50[name], "no_review": _band(before, name),
-                                 "audit": {k: v for k, v in _band(after, name).items()
+            "per_class": {name: {"pool_AP50": ap50[name], "no_review": accepted_band(before, name),
+                                 "audit": {k: v for k, v in accepted_band(after, name).items()
                                            if k in ("accepted", "true_precision", "true_recall")}}
                           for name in names}}
 

@@ -54,6 +54,7 @@ __all__ = ["BATCHNORM_FILE", "adapt_batchnorm", "evenly_spaced", "hash_state", "
 
 BATCHNORM_FILE = "batchnorm.pt"
 _FORMAT = "dataengine-adabn-v1"
+_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")  # what AdaBN sets, per BatchNorm layer
 
 
 def hash_state(digest: Any, module: nn.Module) -> None:
@@ -85,17 +86,30 @@ def _key(model: nn.Module, files: Sequence[str], views: Sequence[TTAView], batch
     return digest.hexdigest()
 
 
-def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
-    """The statistics stored under ``key`` at ``path``; ``None`` when absent, unreadable or made for another key."""
+def _load(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
+    """The key and statistics of a file this module wrote (``weights_only``).
+
+    Raises:
+        ValueError: Missing, unreadable or not such a file (the message names it).
+    """
     try:
         cached = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign: all one message
+        raise ValueError(f"{path}: not a BatchNorm statistics file ({err})") from err
+    state = cached.get("state") if isinstance(cached, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a BatchNorm statistics file (no 'state')")
+    return cached.get("key"), state
+
+
+def _read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The statistics stored under ``key`` at ``path``; ``None`` when absent, unreadable or made for another key
+    (such a file is recomputed and overwritten, never trusted)."""
+    try:
+        stored, state = _load(path)
+    except ValueError:
         return None
-    except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed and overwritten, never trusted
-        return None
-    if not isinstance(cached, dict) or cached.get("key") != key or not isinstance(cached.get("state"), dict):
-        return None
-    return cached["state"]
+    return state if stored == key else None
 
 
 def with_batchnorm(model: nn.Module, path: str | Path) -> nn.Module:
@@ -109,15 +123,8 @@ def with_batchnorm(model: nn.Module, path: str | Path) -> nn.Module:
             than ``model``'s (the message names the file).
     """
     path = Path(path)
-    try:
-        cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file gets the one message below
-        raise ValueError(f"{path}: not a BatchNorm statistics file ({err})") from err
-    state = cached.get("state") if isinstance(cached, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a BatchNorm statistics file (no 'state')")
-    expected = {f"{name}.{buf}": getattr(m, buf).shape for name, m in _batchnorms(model)
-                for buf in ("running_mean", "running_var", "num_batches_tracked")}
+    _, state = _load(path)
+    expected = {f"{name}.{buf}": getattr(m, buf).shape for name, m in _batchnorms(model) for buf in _BUFFERS}
     got = {k: getattr(v, "shape", None) for k, v in state.items()}
     if got != expected:
         raise ValueError(f"{path}: statistics for {len(got)} buffers that do not match the model's {len(expected)} "
@@ -195,8 +202,7 @@ def adapt_batchnorm(
             if int(_batchnorms(adapted)[0][1].num_batches_tracked) == 0:  # update_bn saw no batch
                 raise ValueError(f"adapting BatchNorm to {image_root}: none of the {len(used)} images could be read")
             state = {f"{name}.{buf}": getattr(m, buf).detach().cpu().clone()
-                     for name, m in _batchnorms(adapted) for buf in ("running_mean", "running_var",
-                                                                     "num_batches_tracked")}
+                     for name, m in _batchnorms(adapted) for buf in _BUFFERS}
             buffer = io.BytesIO()
             torch.save({"key": key, "state": state}, buffer)
             atomic_write_bytes(path, buffer.getvalue())
