@@ -94,7 +94,7 @@ def _load(path: Path) -> tuple[str | None, dict[str, torch.Tensor]]:
     """
     try:
         cached = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - missing, truncated or foreign: all one message
+    except Exception as err:  # missing, truncated or foreign: all one message
         raise ValueError(f"{path}: not a BatchNorm statistics file ({err})") from err
     state = cached.get("state") if isinstance(cached, dict) else None
     if not isinstance(state, dict):
@@ -130,8 +130,7 @@ def with_batchnorm(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"{path}: statistics for {len(got)} buffers that do not match the model's {len(expected)} "
                          f"BatchNorm buffers (another model?)")
     adapted = copy.deepcopy(model).eval()
-    device = next(model.parameters()).device
-    adapted.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False)
+    adapted.load_state_dict(state, strict=False)  # copies onto the model's device
     return adapted
 
 
@@ -206,7 +205,8 @@ def adapt_batchnorm(
             buffer = io.BytesIO()
             torch.save({"key": key, "state": state}, buffer)
             atomic_write_bytes(path, buffer.getvalue())
-        adapted.load_state_dict(state, strict=False)
+        else:
+            adapted.load_state_dict(state, strict=False)
     if is_distributed():  # the other ranks wait here for rank 0's statistics
         broadcast_module(adapted, params=False, buffers=True)
     adapted.eval()
