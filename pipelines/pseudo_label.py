@@ -61,8 +61,10 @@ def main() -> int:
                          out / "val", categories=cats, progress=progress)
     if is_main_process():
         atomic_write_json(out / "stats.json", {"pool": pool, "val": calib})
+        speed = (f"{pool['images_per_second']} img/s" if pool["labelled_this_run"]
+                 else f"all {pool['reused_chunks']} chunks reused")
         print(f"pseudo_label: pool {pool['images']} images ({pool['skipped']} unreadable, skipped), {pool['boxes']} "
-              f"boxes, {pool['images_per_second']} img/s; val {calib['images']} images, {calib['boxes']} boxes; "
+              f"boxes, {speed}; val {calib['images']} images, {calib['boxes']} boxes; "
               f"{_adaptation(pool, calib)}; wrote {out}")
     cleanup()
     return 0

@@ -14,7 +14,7 @@ from PIL import Image
 
 from dataengine.config import FilterParams
 from dataengine.data.coco import CategoryMap
-from dataengine.pseudo.calibrate import Calibration, Calibrator, ClassCalibration, _logit
+from dataengine.pseudo.calibrate import Calibration, Calibrator, ClassCalibration, ReviewedEvidence, _logit
 from dataengine.pseudo.filter import (
     audit_metrics,
     audit_sample,
@@ -140,6 +140,39 @@ def test_threshold_is_raised_until_the_pool_reaches_the_target() -> None:
     metrics = pseudo_metrics(stats, accepted, calibration, None)
     assert (metrics["per_class"]["cat"]["threshold"], metrics["per_class"]["cat"]["val_threshold"]) == (0.85, 0.5)
     assert metrics["estimated_precision"]["cat"] == pytest.approx(0.9)
+
+
+def test_reviewed_labels_never_widen_the_band_below_their_range() -> None:
+    # The demo failure (teacher seed 1, with AdaBN, after the simulated audit): val accepted stars from p 0.857, the
+    # pool's mix raised that to 0.897, and the audit reviewed the accepted stars, finding them better than val said.
+    # The re-fit lifted the reviewed range's p, so the pool raise stopped binding, and below the reviewed range the
+    # class fell back to the val threshold: 146 stars accepted instead of 41, 99 of them never reviewed; 0.77 precise.
+    # Here: val accepts cats from 0.80 (p == score); 40 cats score 0.90-0.94, 200 score 0.80-0.89 (20 per 0.01).
+    scores = [0.90 + 0.01 * (i // 8) for i in range(40)] + [0.80 + 0.01 * (i // 20) for i in range(200)]
+    files = tuple(f"{k}.png" for k in range(4))
+    boxes = [_box(files[i // 64], [12 * (i % 8), 12 * (i % 64 // 8), 12 * (i % 8) + 10, 12 * (i % 64 // 8) + 10], 0,
+                  round(s, 2)) for i, s in enumerate(scores)]
+    params = _params(target_precision=0.9, max_per_image=100)
+    val = _calibration((0.8, None), target=0.9)
+    accepted, _, _, stats = filter_pseudo_labels(_pool(boxes, files), val, params, CATS)
+    # Pool raise: {p >= 0.88} has mean p (36.8 + 20 * (0.89 + 0.88)) / 80 = 0.9025; with 0.87 it would be 0.896.
+    assert stats["per_class"]["cat"]["threshold"] == 0.88 and stats["per_class"]["cat"]["accepted"] == 80
+    before = {a["pseudo_id"] for a in accepted["annotations"]}
+
+    # Reviewers checked the 40 strong cats and found them right but for the 0.90 ones: the re-fit rates 0.90 at
+    # 0.87 and 0.91 up at 1.0, and accepts from 0.87. Below the range (scores < 0.90) p = min(p_val, 0.87).
+    fit = Calibrator(1.0, 0.0, 0.0, tuple(_logit(np.array([0.90, 0.91])).tolist()), (0.87, 1.0), 40, 35)
+    evidence = ReviewedEvidence(40, 35, 40, 40, 0.974, 0.875, "per-class", 0.8)
+    reviewed = Calibration(val.class_names, (ClassCalibration("cat", "reviewed", fit, 0.87, 100, 50, 10, None, None,
+                                                               evidence, IDENTITY), val.classes[1]),
+                           IDENTITY, 0.9, 0.5, 30)
+    assert reviewed.before_review() == val
+    accepted, _, _, stats = filter_pseudo_labels(_pool(boxes, files), reviewed, params, CATS)
+    after = {a["pseudo_id"] for a in accepted["annotations"]}
+    # With the val threshold as the only floor, the 20 cats at 0.87 would pass: mean p of the 100 boxes is
+    # (38.96 + 60 * 0.87) / 100 = 0.91, so the pool raise on the re-fitted p no longer binds. Nobody reviewed them.
+    assert after == before and stats["per_class"]["cat"]["accepted"] == 80
+    assert min(a["score"] for a in accepted["annotations"]) == 0.88
 
 
 def test_accepted_coco_lists_every_image_and_records_scores() -> None:

@@ -279,6 +279,18 @@ def test_stage_outputs(reference: Path) -> None:
     assert all(i["seg"] is None for i in val["images"]) and not (reference / "val" / "seg").exists()
 
 
+def test_a_finished_run_rerun_reuses_everything_and_says_so(stage: dict[str, Path], reference: Path,
+                                                           tmp_path: Path) -> None:
+    out = tmp_path / "again"
+    shutil.copytree(reference, out)
+    proc = subprocess.run([sys.executable, *_cmd(stage, out)], env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "pool 12 images (0 unreadable, skipped)" in proc.stdout and "all 6 chunks reused" in proc.stdout
+    assert "img/s" not in proc.stdout  # nothing was labelled: no speed to report
+    assert json.loads((out / "stats.json").read_text())["pool"]["labelled_this_run"] == 0
+    assert _tree(out / "pool") == _tree(reference / "pool")
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_output(stage: dict[str, Path], reference: Path) -> None:
     out = stage["root"] / "killed"

@@ -48,9 +48,13 @@ the val-calibrated probability only, a function of ``(score, consistency)``; a c
 That range is a narrow band of the val projection, which is why the projection is kept: a logistic re-fit inside
 the band learnt a direction the band does not constrain (demo, one teacher seed: consistency weighted 44 to the
 score's 0.3; 231 of 596 accepted squares scored below every reviewed one, down to 0.06, and the accepted squares
-were 0.58 precise). Below the reviewed range a class accepts only what val accepts too
-(:meth:`ClassCalibration.acceptable`), and :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's
-own mix as before.
+were 0.58 precise). Below the reviewed range the reviewed labels may shrink a class's band but never widen it: there
+it accepts only what it accepted before review, the val threshold raised for the pool's mix
+(:meth:`ClassCalibration.acceptable` with the floor :func:`dataengine.pseudo.filter.filter_pseudo_labels` computes
+with :meth:`Calibration.before_review`). Without that floor the raise stopped binding (demo, teacher seed 1, after a
+simulated audit: reviewers found 45 of 47 stars right, the re-fit lifted the band's mean ``p``, the class fell back to
+its val threshold below the reviewed range and accepted 146 stars instead of 41, 99 of them never reviewed; the 146
+were 0.77 precise). :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's own mix to the re-fitted ``p``.
 
 The whole calibration serialises to JSON (:meth:`Calibration.to_dict`): logistic coefficients and the isotonic
 ``X``/``y`` thresholds, from which :meth:`Calibrator.predict` reproduces scikit-learn's ``predict`` exactly (linear
@@ -74,7 +78,7 @@ import io
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -513,13 +517,21 @@ class ClassCalibration:
         # The reviewed fit keeps the val projection (recalibrate), so "below" is in the variable the review selected on.
         return self.calibrator.projection(scores, consistency) < self.calibrator.iso_x[0]
 
-    def acceptable(self, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
+    def acceptable(self, scores: np.ndarray, consistency: np.ndarray, floor: float | None = None) -> np.ndarray:
         """bool ``[N]``: boxes this class may accept at all (given ``p >= threshold``).
 
         Every box, except for a class re-fitted on reviewed labels: below their range it accepts only what val
-        accepts too (``p_val >=`` the val threshold). Its threshold is chosen among the reviewed labels and can lie
-        at the bottom of their fit, where ``predict`` caps the boxes below; without this rule those boxes would all
-        pass, however weak.
+        accepts too (``p_val >=`` the val threshold, or ``floor`` where that is higher). Its threshold is chosen among
+        the reviewed labels and can lie at the bottom of their fit, where ``predict`` caps the boxes below; without
+        this rule those boxes would all pass, however weak.
+
+        Args:
+            scores: ``[N]`` raw scores.
+            consistency: ``[N]`` TTA consistency.
+            floor: On the val calibrator's scale, the threshold the class had before review (the filter passes the
+                val threshold raised for the pool's mix, :func:`dataengine.pseudo.filter.pool_thresholds`), so that
+                reviewed labels can shrink the band below their range but never widen it; ``None``: the val
+                threshold. Unused for a class that was not re-fitted.
 
         Example:
             >>> val = fit_calibrator(np.linspace(0.05, 1, 40), np.ones(40), np.linspace(0.05, 1, 40) > 0.3)
@@ -539,8 +551,17 @@ class ClassCalibration:
         if val_threshold is None:
             ok[below] = False
         else:
-            ok[below] = self.val_calibrator.predict(scores[below], consistency[below]) >= val_threshold
+            bound = val_threshold if floor is None else max(val_threshold, floor)
+            ok[below] = self.val_calibrator.predict(scores[below], consistency[below]) >= bound
         return ok
+
+    def before_review(self) -> ClassCalibration:
+        """This class as general val calibrated it (itself when it was not re-fitted on reviewed labels)."""
+        if self.reviewed is None or self.val_calibrator is None:
+            return self
+        return ClassCalibration(self.name, self.reviewed.val_kind, self.val_calibrator, self.reviewed.val_threshold,
+                                self.val_boxes, self.val_correct, self.val_accepted, self.val_calibrated_precision,
+                                self.val_empirical_precision)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "threshold": self.threshold, "val_boxes": self.val_boxes,
@@ -584,8 +605,10 @@ class Calibration:
                 out[mask] = cls.predict(scores[mask], consistency[mask])
         return out
 
-    def acceptable(self, labels: np.ndarray, scores: np.ndarray, consistency: np.ndarray) -> np.ndarray:
-        """bool ``[N]``: boxes their class may accept at all (:meth:`ClassCalibration.acceptable`)."""
+    def acceptable(self, labels: np.ndarray, scores: np.ndarray, consistency: np.ndarray,
+                   floors: np.ndarray | None = None) -> np.ndarray:
+        """bool ``[N]``: boxes their class may accept at all (:meth:`ClassCalibration.acceptable`; ``floors``:
+        ``[K]`` per-label floors on the val scale, ``inf`` for none accepted, or ``None``)."""
         labels = np.asarray(labels, dtype=np.int64)
         scores = np.asarray(scores, dtype=np.float64)
         consistency = np.asarray(consistency, dtype=np.float64)
@@ -593,8 +616,13 @@ class Calibration:
         for label, cls in enumerate(self.classes):
             mask = labels == label
             if mask.any():
-                out[mask] = cls.acceptable(scores[mask], consistency[mask])
+                floor = None if floors is None else float(floors[label])
+                out[mask] = cls.acceptable(scores[mask], consistency[mask], floor)
         return out
+
+    def before_review(self) -> Calibration:
+        """The general-val calibration this one was re-fitted from (:func:`recalibrate`); itself if none was."""
+        return replace(self, classes=tuple(c.before_review() for c in self.classes))
 
     def thresholds(self) -> np.ndarray:
         """Per-label accept thresholds ``[K]``; ``inf`` for a class that accepts nothing."""

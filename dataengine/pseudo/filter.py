@@ -325,8 +325,13 @@ def filter_pseudo_labels(
                 reason[i] = "max_per_image"
 
     alive = np.array([r is None for r in reason], dtype=bool)  # [N]
-    # A class re-fitted on reviewed labels accepts below their range only what val accepts too.
-    acceptable = calibration.acceptable(labels, scores, consistency)  # [N]
+    # A class re-fitted on reviewed labels accepts below their range only what it accepted before review: the val
+    # threshold raised for the pool's mix. The reviewed labels say nothing there, yet lift the mean p of the band
+    # above it, so the raise applied below would no longer bind (see test_reviewed_labels_never_widen_the_band...).
+    val_only = calibration.before_review()
+    floors = pool_thresholds(val_only.probability(labels, scores, consistency)[alive], labels[alive],
+                             val_only.thresholds(), params.target_precision)  # [K]
+    acceptable = calibration.acceptable(labels, scores, consistency, floors)  # [N]
     can_accept = alive & acceptable
     class_threshold = pool_thresholds(prob[can_accept], labels[can_accept], calibration.thresholds(),
                                       params.target_precision)
