@@ -58,7 +58,7 @@ def main() -> int:
     reviewed = reviewed_boxes(records, verdicts)
     calibration = recalibrate(val_calibration, reviewed, params.min_reviewed_accepted)
     categories = CategoryMap.from_names(pool["class_names"])
-    accepted, review, rejected, stats = filter_pseudo_labels(pool, calibration, params, categories)
+    accepted, review, rejected, stats = filter_pseudo_labels(pool, calibration, params, categories, reviewed)
     audit = audit_sample(accepted, params.audit_per_class, params.audit_seed)
 
     write_semantic_masks(pool, pseudo / "pool", out, params.seg_confidence, categories)

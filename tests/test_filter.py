@@ -14,7 +14,14 @@ from PIL import Image
 
 from dataengine.config import FilterParams
 from dataengine.data.coco import CategoryMap
-from dataengine.pseudo.calibrate import Calibration, Calibrator, ClassCalibration, ReviewedEvidence, _logit
+from dataengine.pseudo.calibrate import (
+    Calibration,
+    Calibrator,
+    ClassCalibration,
+    ReviewedEvidence,
+    ValBoxes,
+    _logit,
+)
 from dataengine.pseudo.filter import (
     audit_metrics,
     audit_sample,
@@ -142,37 +149,70 @@ def test_threshold_is_raised_until_the_pool_reaches_the_target() -> None:
     assert metrics["estimated_precision"]["cat"] == pytest.approx(0.9)
 
 
+# 40 cats score 0.90-0.94 (8 per 0.01), 200 score 0.80-0.89 (20 per 0.01), on four images, none overlapping. Val
+# (p == score) accepts from 0.80; the pool's mix raises that to 0.88: {p >= 0.88} has mean p (36.8 + 20 * (0.89 +
+# 0.88)) / 80 = 0.9025, with 0.87 it would be 0.896.
+_WIDE_SCORES = [0.90 + 0.01 * (i // 8) for i in range(40)] + [0.80 + 0.01 * (i // 20) for i in range(200)]
+_WIDE_FILES = tuple(f"{k}.png" for k in range(4))
+_WIDE_POOL = _pool([_box(_WIDE_FILES[i // 64], [12 * (i % 8), 12 * (i % 64 // 8), 12 * (i % 8) + 10,
+                                                12 * (i % 64 // 8) + 10], 0, round(s, 2))
+                    for i, s in enumerate(_WIDE_SCORES)], _WIDE_FILES)
+_WIDE_PARAMS = _params(target_precision=0.9, max_per_image=100)
+
+
+def _refitted_cat(fit: Calibrator, threshold: float) -> Calibration:
+    """``_calibration((0.8, None), target=0.9)`` with cat re-fitted on reviewed labels (``fit``)."""
+    val = _calibration((0.8, None), target=0.9)
+    evidence = ReviewedEvidence(40, 35, 40, 40, 0.974, 0.875, "per-class", 0.8)
+    cat = ClassCalibration("cat", "reviewed", fit, threshold, 100, 50, 10, None, None, evidence, IDENTITY)
+    return Calibration(val.class_names, (cat, val.classes[1]), IDENTITY, 0.9, 0.5, 30)
+
+
+def _accepted_scores(calibration: Calibration, reviewed: ValBoxes | None = None) -> list[float]:
+    accepted, _, _, _ = filter_pseudo_labels(_WIDE_POOL, calibration, _WIDE_PARAMS, CATS, reviewed)
+    return sorted(a["score"] for a in accepted["annotations"])
+
+
 def test_reviewed_labels_never_widen_the_band_below_their_range() -> None:
     # The demo failure (teacher seed 1, with AdaBN, after the simulated audit): val accepted stars from p 0.857, the
     # pool's mix raised that to 0.897, and the audit reviewed the accepted stars, finding them better than val said.
     # The re-fit lifted the reviewed range's p, so the pool raise stopped binding, and below the reviewed range the
     # class fell back to the val threshold: 146 stars accepted instead of 41, 99 of them never reviewed; 0.77 precise.
-    # Here: val accepts cats from 0.80 (p == score); 40 cats score 0.90-0.94, 200 score 0.80-0.89 (20 per 0.01).
-    scores = [0.90 + 0.01 * (i // 8) for i in range(40)] + [0.80 + 0.01 * (i // 20) for i in range(200)]
-    files = tuple(f"{k}.png" for k in range(4))
-    boxes = [_box(files[i // 64], [12 * (i % 8), 12 * (i % 64 // 8), 12 * (i % 8) + 10, 12 * (i % 64 // 8) + 10], 0,
-                  round(s, 2)) for i, s in enumerate(scores)]
-    params = _params(target_precision=0.9, max_per_image=100)
     val = _calibration((0.8, None), target=0.9)
-    accepted, _, _, stats = filter_pseudo_labels(_pool(boxes, files), val, params, CATS)
-    # Pool raise: {p >= 0.88} has mean p (36.8 + 20 * (0.89 + 0.88)) / 80 = 0.9025; with 0.87 it would be 0.896.
-    assert stats["per_class"]["cat"]["threshold"] == 0.88 and stats["per_class"]["cat"]["accepted"] == 80
-    before = {a["pseudo_id"] for a in accepted["annotations"]}
-
+    before = _accepted_scores(val)
+    assert len(before) == 80 and before[0] == 0.88
     # Reviewers checked the 40 strong cats and found them right but for the 0.90 ones: the re-fit rates 0.90 at
     # 0.87 and 0.91 up at 1.0, and accepts from 0.87. Below the range (scores < 0.90) p = min(p_val, 0.87).
     fit = Calibrator(1.0, 0.0, 0.0, tuple(_logit(np.array([0.90, 0.91])).tolist()), (0.87, 1.0), 40, 35)
-    evidence = ReviewedEvidence(40, 35, 40, 40, 0.974, 0.875, "per-class", 0.8)
-    reviewed = Calibration(val.class_names, (ClassCalibration("cat", "reviewed", fit, 0.87, 100, 50, 10, None, None,
-                                                               evidence, IDENTITY), val.classes[1]),
-                           IDENTITY, 0.9, 0.5, 30)
-    assert reviewed.before_review() == val
-    accepted, _, _, stats = filter_pseudo_labels(_pool(boxes, files), reviewed, params, CATS)
-    after = {a["pseudo_id"] for a in accepted["annotations"]}
+    refitted = _refitted_cat(fit, 0.87)
+    assert refitted.before_review() == val
     # With the val threshold as the only floor, the 20 cats at 0.87 would pass: mean p of the 100 boxes is
     # (38.96 + 60 * 0.87) / 100 = 0.91, so the pool raise on the re-fitted p no longer binds. Nobody reviewed them.
-    assert after == before and stats["per_class"]["cat"]["accepted"] == 80
-    assert min(a["score"] for a in accepted["annotations"]) == 0.88
+    assert _accepted_scores(refitted) == before
+
+
+def test_reviewed_labels_widen_the_band_only_where_they_were_looked_at() -> None:
+    # The second demo failure (the dvc repro teacher on an Intel host, after the simulated audit): reviewers saw 113
+    # strong squares (2 wrong) and 27 weak ones around score 0.6 from the audited images; the isotonic re-fit pooled
+    # the top of those with the strong ones and rated every square in between, where nobody had looked and val said
+    # 0.17, at 0.976: 521 squares accepted instead of 190, 0.835 precise.
+    # Here the re-fit rates every cat from 0.80 to 0.94 at 0.97 (its reviewed range spans it, with a gap).
+    flat = Calibrator(1.0, 0.0, 0.0, tuple(_logit(np.array([0.80, 0.94])).tolist()), (0.97, 0.97), 40, 39)
+    refitted = _refitted_cat(flat, 0.97)
+    assert len(_accepted_scores(refitted)) == 80  # no reviewed label below the pre-review band: no widening
+    # 25 reviewed cats at 0.87, all right: the band may widen to 0.87. Five more at 0.86, four of them wrong: 26 of
+    # 30 (0.867) do not reach 0.9, so it stops there. Reviewed labels inside the old band do not count.
+    scores = np.array([0.87] * 25 + [0.86] * 5 + [0.93] * 30)
+    right = np.array([True] * 25 + [True] + [False] * 4 + [True] * 30)
+    reviewed = ValBoxes(np.zeros(60, dtype=np.int64), scores, np.ones(60), right)
+    widened = _accepted_scores(refitted, reviewed)
+    assert len(widened) == 100 and widened[0] == 0.87
+    # 19 right reviewed labels are one short of filter.min_reviewed_accepted (20).
+    few = ValBoxes(np.zeros(19, dtype=np.int64), np.full(19, 0.87), np.ones(19), np.ones(19, dtype=bool))
+    assert len(_accepted_scores(refitted, few)) == 80
+    # Dogs reviewed below cat's band say nothing about cats.
+    dogs = ValBoxes(np.ones(25, dtype=np.int64), np.full(25, 0.87), np.ones(25), np.ones(25, dtype=bool))
+    assert len(_accepted_scores(refitted, dogs)) == 80
 
 
 def test_accepted_coco_lists_every_image_and_records_scores() -> None:

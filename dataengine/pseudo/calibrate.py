@@ -48,13 +48,20 @@ the val-calibrated probability only, a function of ``(score, consistency)``; a c
 That range is a narrow band of the val projection, which is why the projection is kept: a logistic re-fit inside
 the band learnt a direction the band does not constrain (demo, one teacher seed: consistency weighted 44 to the
 score's 0.3; 231 of 596 accepted squares scored below every reviewed one, down to 0.06, and the accepted squares
-were 0.58 precise). Below the reviewed range the reviewed labels may shrink a class's band but never widen it: there
-it accepts only what it accepted before review, the val threshold raised for the pool's mix
-(:meth:`ClassCalibration.acceptable` with the floor :func:`dataengine.pseudo.filter.filter_pseudo_labels` computes
-with :meth:`Calibration.before_review`). Without that floor the raise stopped binding (demo, teacher seed 1, after a
-simulated audit: reviewers found 45 of 47 stars right, the re-fit lifted the band's mean ``p``, the class fell back to
-its val threshold below the reviewed range and accepted 146 stars instead of 41, 99 of them never reviewed; the 146
-were 0.77 precise). :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's own mix to the re-fitted ``p``.
+were 0.58 precise). Below the reviewed range a class accepts only what val accepts too
+(:meth:`ClassCalibration.acceptable`).
+
+**Reviewed labels may shrink a class's accepted band, and widen it only where they were looked at**
+(:func:`widening_floor`). The filter first computes the band the class would accept without review (the val
+threshold raised for the pool's mix, :meth:`Calibration.before_review`); the re-fit may accept less than that, and
+more only down to where the reviewed labels *in the widened part*, on their own, number at least
+``filter.min_reviewed_accepted`` and reach the target precision. Two failures on the demo called for it, both after a
+simulated 60-per-class audit: (a) below the reviewed range, the re-fit lifted the band's mean ``p``, so the pool raise
+stopped binding and the class fell back to its val threshold (teacher seed 1: 146 stars accepted instead of 41, 99
+never reviewed; 0.774 precise); (b) *inside* the range, across a gap: the isotonic re-fit pooled 113 strong squares
+(2 wrong) with the few reviewed at score 0.62 and rated every square between 0.62 and 0.85, where nobody had looked
+and val said 0.17, at 0.976 (the `dvc repro` teacher on an Intel host: 521 squares accepted instead of 190, 0.835
+precise). :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's own mix to the re-fitted ``p``.
 
 The whole calibration serialises to JSON (:meth:`Calibration.to_dict`): logistic coefficients and the isotonic
 ``X``/``y`` thresholds, from which :meth:`Calibrator.predict` reproduces scikit-learn's ``predict`` exactly (linear
@@ -107,6 +114,7 @@ __all__ = [
     "fit_calibration",
     "ReviewedEvidence",
     "recalibrate",
+    "widening_floor",
     "ReliabilitySeries",
     "plot_reliability",
 ]
@@ -520,18 +528,19 @@ class ClassCalibration:
     def acceptable(self, scores: np.ndarray, consistency: np.ndarray, floor: float | None = None) -> np.ndarray:
         """bool ``[N]``: boxes this class may accept at all (given ``p >= threshold``).
 
-        Every box, except for a class re-fitted on reviewed labels: below their range it accepts only what val
-        accepts too (``p_val >=`` the val threshold, or ``floor`` where that is higher). Its threshold is chosen among
-        the reviewed labels and can lie at the bottom of their fit, where ``predict`` caps the boxes below; without
-        this rule those boxes would all pass, however weak.
+        Every box, except for a class re-fitted on reviewed labels:
+
+        - below their range it accepts only what val accepts too (``p_val >=`` the val threshold). Its threshold is
+          chosen among the reviewed labels and can lie at the bottom of their fit, where ``predict`` caps the boxes
+          below; without this rule those boxes would all pass, however weak;
+        - anywhere, ``p_val >= floor`` when a floor is given: the filter passes the band the class accepted before
+          review, widened only as far as reviewed labels below it support (:func:`widening_floor`).
 
         Args:
             scores: ``[N]`` raw scores.
             consistency: ``[N]`` TTA consistency.
-            floor: On the val calibrator's scale, the threshold the class had before review (the filter passes the
-                val threshold raised for the pool's mix, :func:`dataengine.pseudo.filter.pool_thresholds`), so that
-                reviewed labels can shrink the band below their range but never widen it; ``None``: the val
-                threshold. Unused for a class that was not re-fitted.
+            floor: The lowest ``p_val`` (the val calibrator's probability) the class may accept; ``None``: no floor.
+                Unused for a class that was not re-fitted.
 
         Example:
             >>> val = fit_calibrator(np.linspace(0.05, 1, 40), np.ones(40), np.linspace(0.05, 1, 40) > 0.3)
@@ -547,12 +556,11 @@ class ClassCalibration:
         if self.val_calibrator is None:
             return ok
         below = self._below_reviewed(scores, consistency)
+        p_val = self.val_calibrator.predict(scores, consistency)
         val_threshold = None if self.reviewed is None else self.reviewed.val_threshold
-        if val_threshold is None:
-            ok[below] = False
-        else:
-            bound = val_threshold if floor is None else max(val_threshold, floor)
-            ok[below] = self.val_calibrator.predict(scores[below], consistency[below]) >= bound
+        ok[below] = False if val_threshold is None else p_val[below] >= val_threshold
+        if floor is not None:
+            ok &= p_val >= floor
         return ok
 
     def before_review(self) -> ClassCalibration:
@@ -747,6 +755,60 @@ def recalibrate(calibration: Calibration, reviewed: ValBoxes, min_reviewed_accep
                                         evidence, cls.calibrator))
     return Calibration(calibration.class_names, tuple(classes), calibration.pooled, calibration.target_precision,
                        calibration.match_iou, calibration.min_calibration_boxes)
+
+
+def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes, label: int, target_precision: float,
+                   min_reviewed: int) -> float:
+    """How far below ``floor`` a re-fitted class may accept: the lowest ``p_val`` its reviewed labels support.
+
+    ``floor`` is the band the class accepted before review, on the val calibrator's scale. Widening it means
+    accepting boxes val rated lower; the re-fitted calibrator prices them by interpolating its reviewed labels, which
+    may have none there. So the reviewed labels the re-fit would accept below ``floor`` are checked on their own:
+    walking down their ``p_val`` values, the lowest ``w`` whose labels in ``[w, floor)`` number at least
+    ``min_reviewed`` and are right at least ``target_precision`` of the time; ``floor`` itself when none is.
+
+    Args:
+        cls: A class calibration (unchanged ``floor`` unless its kind is ``"reviewed"``).
+        floor: The pre-review threshold on the val scale (``inf``: it accepted nothing).
+        reviewed: The reviewed pool labels (all classes).
+        label: This class's label id.
+        target_precision: The precision the widened part must reach.
+        min_reviewed: Reviewed labels it needs (``filter.min_reviewed_accepted``).
+
+    Returns:
+        The floor to pass to :meth:`ClassCalibration.acceptable`, ``<= floor``.
+
+    Example:
+        >>> grid = np.round(np.linspace(0.01, 0.99, 99), 2)
+        >>> val = Calibrator(1.0, 0.0, 0.0, tuple(_logit(grid)), tuple(grid), 100, 50)  # p_val == score
+        >>> ev = ReviewedEvidence(30, 25, 30, 30, 0.9, 0.83, "per-class", 0.5)
+        >>> c = ClassCalibration("cat", "reviewed", val, 0.5, 100, 50, 50, 0.9, 0.9, ev, val)
+        >>> scores = np.array([0.65] * 25 + [0.6] * 5)  # below a pre-review band from 0.7: 25 right, then 5 wrong
+        >>> rev = ValBoxes(np.zeros(30, dtype=int), scores, np.ones(30), np.arange(30) < 25)
+        >>> round(widening_floor(c, 0.7, rev, 0, 0.9, 20), 2), widening_floor(c, 0.7, rev, 0, 0.9, 26)
+        (0.65, 0.7)
+    """
+    if cls.val_calibrator is None:
+        return floor
+    mask = reviewed.labels == label
+    scores, consistency, correct = reviewed.scores[mask], reviewed.consistency[mask], reviewed.correct[mask]
+    p_val = cls.val_calibrator.predict(scores, consistency)
+    accepted = (p_val < floor) & cls.acceptable(scores, consistency)
+    if cls.threshold is not None:
+        accepted &= cls.predict(scores, consistency) >= cls.threshold
+    else:
+        accepted[:] = False
+    order = np.argsort(-p_val[accepted], kind="stable")
+    p, right = p_val[accepted][order], correct[accepted][order].astype(np.float64)
+    best = floor
+    cum = np.cumsum(right)
+    for end in range(len(p)):
+        if end + 1 < len(p) and p[end + 1] == p[end]:
+            continue  # the set {p_val >= t} ends at the last occurrence of t
+        n = end + 1
+        if n >= min_reviewed and cum[end] / n >= target_precision - _TOL:
+            best = float(p[end])
+    return best
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -102,7 +102,7 @@ from dataengine.config import FilterParams
 from dataengine.data.coco import IGNORE_INDEX, CategoryMap, load_coco
 from dataengine.evaluation import precision_recall_at
 from dataengine.io import atomic_write_bytes, safe_join
-from dataengine.pseudo.calibrate import Calibration, ValBoxes, check_predictions, select_threshold
+from dataengine.pseudo.calibrate import Calibration, ValBoxes, check_predictions, select_threshold, widening_floor
 from dataengine.review.inputs import accepted_records
 
 __all__ = [
@@ -257,7 +257,8 @@ def _check_pool(pool_predictions: dict[str, Any], calibration: Calibration, para
 
 
 def filter_pseudo_labels(
-    pool_predictions: dict[str, Any], calibration: Calibration, params: FilterParams, categories: CategoryMap
+    pool_predictions: dict[str, Any], calibration: Calibration, params: FilterParams, categories: CategoryMap,
+    reviewed: ValBoxes | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
     """Split the pool's boxes into accepted pseudo-labels, a ranked review queue and rejected boxes.
 
@@ -270,6 +271,9 @@ def filter_pseudo_labels(
         params: The ``filter`` params.
         categories: The output categories; their names must be the teacher's classes in label order
             (normally ``CategoryMap.from_names(class_names)``: ids ``1..K``).
+        reviewed: The reviewed pool labels ``calibration`` was re-fitted on (:func:`reviewed_boxes`); a re-fitted
+            class may accept beyond its pre-review band only where they support it
+            (:func:`~dataengine.pseudo.calibrate.widening_floor`). ``None``: no widening.
 
     Returns:
         ``(accepted_coco, review_queue, rejected, stats)``, see the module docstring; ``stats`` holds ``images``,
@@ -325,12 +329,18 @@ def filter_pseudo_labels(
                 reason[i] = "max_per_image"
 
     alive = np.array([r is None for r in reason], dtype=bool)  # [N]
-    # A class re-fitted on reviewed labels accepts below their range only what it accepted before review: the val
-    # threshold raised for the pool's mix. The reviewed labels say nothing there, yet lift the mean p of the band
-    # above it, so the raise applied below would no longer bind (see test_reviewed_labels_never_widen_the_band...).
-    val_only = calibration.before_review()
-    floors = pool_thresholds(val_only.probability(labels, scores, consistency)[alive], labels[alive],
-                             val_only.thresholds(), params.target_precision)  # [K]
+    # A class re-fitted on reviewed labels accepts what it accepted before review (the val threshold raised for the
+    # pool's mix), less where the re-fit says so, more only where reviewed labels below that band support it
+    # (calibrate.widening_floor; the module docstring there has the two failures this prevents).
+    floors = None
+    if any(c.kind == "reviewed" for c in calibration.classes):
+        val_only = calibration.before_review()
+        floors = pool_thresholds(val_only.probability(labels, scores, consistency)[alive], labels[alive],
+                                 val_only.thresholds(), params.target_precision)  # [K]
+        evidence = reviewed if reviewed is not None else ValBoxes(np.zeros(0, np.int64), np.zeros(0), np.zeros(0),
+                                                                  np.zeros(0, bool))
+        floors = np.array([widening_floor(c, floors[k], evidence, k, params.target_precision,
+                                          params.min_reviewed_accepted) for k, c in enumerate(calibration.classes)])
     acceptable = calibration.acceptable(labels, scores, consistency, floors)  # [N]
     can_accept = alive & acceptable
     class_threshold = pool_thresholds(prob[can_accept], labels[can_accept], calibration.thresholds(),
