@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import re
 import subprocess
 import sys
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +43,12 @@ sys.path.insert(0, str(ROOT))
 
 from dataengine.config import load_params  # noqa: E402
 from dataengine.data.layout import PreparedLayout  # noqa: E402
+from dataengine.export import git_commit  # noqa: E402
 from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.pseudo.filter import diagnostic_metrics  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
+from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU, since a CPU type trains its own teacher)
 
 PLAN = re.compile(r"^(audit)?(?:\+?queue(\d+))?$")
 
@@ -134,7 +135,8 @@ def main() -> int:
         print(f"{plan}: {n_images} images reviewed; accepted true precision (count): {line}")
 
     filter_params = load_params(ROOT / args.params, ["filter"]).filter
-    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "params": args.params,
+    out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
+                    "cpu": machine_info()["cpu"], "commit": git_commit(ROOT), "params": args.params,
                     "audit_per_class": filter_params.audit_per_class, "audit_seed": filter_params.audit_seed,
                     "min_reviewed_accepted": filter_params.min_reviewed_accepted,
                     "audit_labels": len(audit), "queue_labels": len(queue)},

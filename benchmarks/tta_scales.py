@@ -62,6 +62,7 @@ from dataengine.profiles import merge  # noqa: E402
 from dataengine.pseudo.tta import tta_views  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
+from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU, since a CPU type trains its own teacher)
 
 TEACHER, DATA = Path("models/teacher"), Path("data/prepared")
 
@@ -226,7 +227,7 @@ def main() -> int:
         print(f"[tta_scales] {scale_tag(scales)}: {line}", flush=True)
     target = params.filter.target_precision
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                    "commit": git_commit(ROOT), "params": str(args.params), "teacher": str(args.teacher),
+                    "cpu": machine_info()["cpu"], "commit": git_commit(ROOT), "params": str(args.params), "teacher": str(args.teacher),
                     "data": str(args.data),
                     "default_scales": list(params.pseudo_label.tta_scales),
                     "target_precision": target, "bar": round(target - 0.05, 4)},
