@@ -757,8 +757,8 @@ def recalibrate(calibration: Calibration, reviewed: ValBoxes, min_reviewed_accep
                        calibration.match_iou, calibration.min_calibration_boxes)
 
 
-def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes, label: int, target_precision: float,
-                   min_reviewed: int) -> float:
+def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes | None, label: int,
+                   target_precision: float, min_reviewed: int) -> float:
     """How far below ``floor`` a re-fitted class may accept: the lowest ``p_val`` its reviewed labels support.
 
     ``floor`` is the band the class accepted before review, on the val calibrator's scale. Widening it means
@@ -770,7 +770,7 @@ def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes, labe
     Args:
         cls: A class calibration (unchanged ``floor`` unless its kind is ``"reviewed"``).
         floor: The pre-review threshold on the val scale (``inf``: it accepted nothing).
-        reviewed: The reviewed pool labels (all classes).
+        reviewed: The reviewed pool labels (all classes); ``None``: none, so no widening.
         label: This class's label id.
         target_precision: The precision the widened part must reach.
         min_reviewed: Reviewed labels it needs (``filter.min_reviewed_accepted``).
@@ -788,16 +788,13 @@ def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes, labe
         >>> round(widening_floor(c, 0.7, rev, 0, 0.9, 20), 2), widening_floor(c, 0.7, rev, 0, 0.9, 26)
         (0.65, 0.7)
     """
-    if cls.val_calibrator is None:
+    if cls.val_calibrator is None or cls.threshold is None or reviewed is None:
         return floor
     mask = reviewed.labels == label
     scores, consistency, correct = reviewed.scores[mask], reviewed.consistency[mask], reviewed.correct[mask]
     p_val = cls.val_calibrator.predict(scores, consistency)
-    accepted = (p_val < floor) & cls.acceptable(scores, consistency)
-    if cls.threshold is not None:
-        accepted &= cls.predict(scores, consistency) >= cls.threshold
-    else:
-        accepted[:] = False
+    # The reviewed labels in the widened part that the re-fit would accept.
+    accepted = (p_val < floor) & cls.acceptable(scores, consistency) & (cls.predict(scores, consistency) >= cls.threshold)
     order = np.argsort(-p_val[accepted], kind="stable")
     p, right = p_val[accepted][order], correct[accepted][order].astype(np.float64)
     best = floor

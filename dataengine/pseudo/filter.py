@@ -337,9 +337,7 @@ def filter_pseudo_labels(
         val_only = calibration.before_review()
         floors = pool_thresholds(val_only.probability(labels, scores, consistency)[alive], labels[alive],
                                  val_only.thresholds(), params.target_precision)  # [K]
-        evidence = reviewed if reviewed is not None else ValBoxes(np.zeros(0, np.int64), np.zeros(0), np.zeros(0),
-                                                                  np.zeros(0, bool))
-        floors = np.array([widening_floor(c, floors[k], evidence, k, params.target_precision,
+        floors = np.array([widening_floor(c, floors[k], reviewed, k, params.target_precision,
                                           params.min_reviewed_accepted) for k, c in enumerate(calibration.classes)])
     acceptable = calibration.acceptable(labels, scores, consistency, floors)  # [N]
     can_accept = alive & acceptable
