@@ -62,7 +62,8 @@ from dataengine.profiles import merge  # noqa: E402
 from dataengine.pseudo.tta import tta_views  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
-from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU, since a CPU type trains its own teacher)
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
+from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU; each CPU type trains its own teacher)
 
 TEACHER, DATA = Path("models/teacher"), Path("data/prepared")
 
