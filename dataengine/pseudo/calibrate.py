@@ -425,17 +425,24 @@ def select_threshold(probabilities: np.ndarray, correct: np.ndarray,
     y = np.asarray(correct, dtype=np.float64)
     order = np.argsort(-p, kind="stable")
     p, y = p[order], y[order]
-    cum_p, cum_y = np.cumsum(p), np.cumsum(y)
-    best: tuple[float | None, float | None, float | None, int] = (None, None, None, 0)
-    # Walk the distinct values from high to low; the set {p >= t} ends at the last occurrence of t.
-    for end in range(len(p)):
-        if end + 1 < len(p) and p[end + 1] == p[end]:
-            continue
-        n = end + 1
-        calibrated, empirical = cum_p[end] / n, cum_y[end] / n
-        if calibrated >= target_precision - _TOL and empirical >= target_precision - _TOL:
-            best = (float(p[end]), float(calibrated), float(empirical), n)
-    return best
+    ends = _set_ends(p)
+    n = ends + 1
+    calibrated, empirical = np.cumsum(p)[ends] / n, np.cumsum(y)[ends] / n
+    ok = np.flatnonzero((calibrated >= target_precision - _TOL) & (empirical >= target_precision - _TOL))
+    if len(ok) == 0:
+        return None, None, None, 0
+    i = ok[-1]  # the largest such set: the lowest threshold
+    return float(p[ends[i]]), float(calibrated[i]), float(empirical[i]), int(n[i])
+
+
+def _set_ends(descending: np.ndarray) -> np.ndarray:
+    """Indices ``[M]`` where the sets ``{v >= t}`` of a descending array end: the last occurrence of each value.
+
+    Example:
+        >>> _set_ends(np.array([0.9, 0.8, 0.8, 0.5])).tolist()
+        [0, 2, 3]
+    """
+    return np.flatnonzero(np.append(descending[1:] != descending[:-1], True)) if len(descending) else np.zeros(0, int)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -797,15 +804,10 @@ def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes | Non
     accepted = (p_val < floor) & cls.acceptable(scores, consistency) & (cls.predict(scores, consistency) >= cls.threshold)
     order = np.argsort(-p_val[accepted], kind="stable")
     p, right = p_val[accepted][order], correct[accepted][order].astype(np.float64)
-    best = floor
-    cum = np.cumsum(right)
-    for end in range(len(p)):
-        if end + 1 < len(p) and p[end + 1] == p[end]:
-            continue  # the set {p_val >= t} ends at the last occurrence of t
-        n = end + 1
-        if n >= min_reviewed and cum[end] / n >= target_precision - _TOL:
-            best = float(p[end])
-    return best
+    ends = _set_ends(p)
+    n = ends + 1
+    ok = np.flatnonzero((n >= min_reviewed) & (np.cumsum(right)[ends] / n >= target_precision - _TOL))
+    return float(p[ends[ok[-1]]]) if len(ok) else floor
 
 
 # ---------------------------------------------------------------------------------------------------------------
