@@ -48,6 +48,7 @@ from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.pseudo.filter import diagnostic_metrics  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
 from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU; each CPU type trains its own teacher)
 

@@ -62,6 +62,7 @@ from dataengine.profiles import merge  # noqa: E402
 from dataengine.pseudo.tta import tta_views  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 from dataengine.review.oracle import review_plan, simulate_review  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
 from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU; each CPU type trains its own teacher)
 
@@ -228,8 +229,8 @@ def main() -> int:
         print(f"[tta_scales] {scale_tag(scales)}: {line}", flush=True)
     target = params.filter.target_precision
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
-                    "cpu": machine_info()["cpu"], "commit": git_commit(ROOT), "params": str(args.params), "teacher": str(args.teacher),
-                    "data": str(args.data),
+                    "cpu": machine_info()["cpu"], "commit": git_commit(ROOT), "params": str(args.params),
+                    "teacher": str(args.teacher), "data": str(args.data),
                     "default_scales": list(params.pseudo_label.tta_scales),
                     "target_precision": target, "bar": round(target - 0.05, 4)},
            "scales": results}

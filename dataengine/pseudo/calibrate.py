@@ -801,7 +801,8 @@ def widening_floor(cls: ClassCalibration, floor: float, reviewed: ValBoxes | Non
     scores, consistency, correct = reviewed.scores[mask], reviewed.consistency[mask], reviewed.correct[mask]
     p_val = cls.val_calibrator.predict(scores, consistency)
     # The reviewed labels in the widened part that the re-fit would accept.
-    accepted = (p_val < floor) & cls.acceptable(scores, consistency) & (cls.predict(scores, consistency) >= cls.threshold)
+    accepted = p_val < floor
+    accepted &= cls.acceptable(scores, consistency) & (cls.predict(scores, consistency) >= cls.threshold)
     order = np.argsort(-p_val[accepted], kind="stable")
     p, right = p_val[accepted][order], correct[accepted][order].astype(np.float64)
     ends = _set_ends(p)

@@ -335,9 +335,9 @@ def filter_pseudo_labels(
     floors = None
     if any(c.kind == "reviewed" for c in calibration.classes):
         val_only = calibration.before_review()
-        floors = pool_thresholds(val_only.probability(labels, scores, consistency)[alive], labels[alive],
-                                 val_only.thresholds(), params.target_precision)  # [K]
-        floors = np.array([widening_floor(c, floors[k], reviewed, k, params.target_precision,
+        before = pool_thresholds(val_only.probability(labels[alive], scores[alive], consistency[alive]),
+                                 labels[alive], val_only.thresholds(), params.target_precision)  # [K]
+        floors = np.array([widening_floor(c, before[k], reviewed, k, params.target_precision,
                                           params.min_reviewed_accepted) for k, c in enumerate(calibration.classes)])
     acceptable = calibration.acceptable(labels, scores, consistency, floors)  # [N]
     can_accept = alive & acceptable
