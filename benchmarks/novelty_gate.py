@@ -147,12 +147,13 @@ def main() -> int:
             "kept_true_precision": round(float(right[kept].mean()), 4) if kept.any() else None}
         print(f"{name:9s} {m.sum():4d} accepted at {right[m].mean():.3f}; AUROC {classes[name]['auroc_wrong_vs_right']}"
               f"; gated: {kept.sum():4d} at {classes[name]['kept_true_precision']}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine_info(), "commit": commit or None, "k": args.k, "quantile": args.quantile,
            "features": "teacher BiFPN P3 4x4 + P4 2x2 roi_align", "reference": "general train ground truth",
            "auroc_wrong_vs_right": round(float(roc_auc_score(~right, s_pool)), 4),
-           "accepted": int(len(right)), "true_precision": round(float(right.mean()), 4),
+           "accepted": len(right), "true_precision": round(float(right.mean()), 4),
            "kept": int(kept_all.sum()), "kept_true_precision": round(float(right[kept_all].mean()), 4),
            "classes": classes}
     print(f"overall: {len(right)} at {right.mean():.3f}, AUROC {doc['auroc_wrong_vs_right']}; gated: "
