@@ -9,11 +9,7 @@ Trains the same student (``--student``, default the first of ``params.distill.st
     rebalance        + the rebalance stage's sampling plan
     hard_negatives   + the mine stage's hard regions and pixels, and segmentation OHEM (= the ``distill`` stage)
 
-The distilling variants get the ``distill`` stage's teachers: with ``distill.scenario_teacher_batchnorm`` (default)
-the scenario images are distilled from the teacher with the BatchNorm statistics ``--pseudo``'s pool was labelled
-with (``pool/batchnorm.pt``, when ``pseudo_label.adapt_bn`` wrote one); runs before 2026-11-25 distilled them from the
-teacher as trained (``scenario_teacher_batchnorm: false`` in ``--params`` reproduces them). Each variant is scored
-on the scenario test set: mAP, AP50, per-class AP, mIoU, confuser false positives per image
+and scores each on the scenario test set: mAP, AP50, per-class AP, mIoU, confuser false positives per image
 (score >= :data:`FP_SCORE` 0.3, see :func:`dataengine.evaluation.confuser_false_positives`) with the recall of the
 test objects at that score, and confuser false positives at matched
 recall (:data:`MATCHED_RECALL` of the test objects, each model at its own threshold,
@@ -323,9 +319,6 @@ def main() -> int:
     if args.epochs:
         args.out = args.out.replace(".json", f"_epochs{args.epochs}.json")
     rare = rarest_class(data / "general/train.json", Path(inputs["curated"]))
-    teacher_batchnorm = args.pseudo / "pool/batchnorm.pt"  # the statistics --pseudo's pool was labelled with
-    if not (params.distill.scenario_teacher_batchnorm and teacher_batchnorm.is_file()):
-        teacher_batchnorm = None
     results: dict[str, Any] = {}
     for variant in args.variants:
         runs = []
@@ -337,8 +330,8 @@ def main() -> int:
             if not reused:
                 train_student(student, vp, params.mine, teacher="models/teacher/model.pt", data_root=data,
                               curated=inputs["curated"], plan=inputs["plan"], mined=inputs["mined"],
-                              out_dir=out_dir, log_dir=out_dir / "dvclive", teacher_batchnorm=teacher_batchnorm,
-                              baseline=baseline, resume=False, progress=False)
+                              out_dir=out_dir, log_dir=out_dir / "dvclive", baseline=baseline, resume=False,
+                              progress=False)
             run = score(out_dir / "model.pt", data)
             run["train_seconds"] = None if reused else round(time.perf_counter() - t0, 1)
             runs.append(run)
@@ -352,7 +345,6 @@ def main() -> int:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "student": student,
             "seeds": args.seeds, "budget_images": params.distill.train.epochs * params.distill.epoch_size,
             "test_set": str(data / "scenario/test.json"), "params": str(args.params),
-            "scenario_teacher_batchnorm": teacher_batchnorm and str(teacher_batchnorm),
             "mine": dataclasses.asdict(params.mine)}
     if args.oracle_review is not None:
         meta["simulated_review"] = {"images": args.oracle_review, "audit": args.oracle_audit,

@@ -336,9 +336,6 @@ class DistillParams:
     pseudo_labels: bool = True  # train on the curated scenario set (accepted + reviewed pseudo-labels)
     rebalance: bool = True  # draw images with the rebalance stage's plan
     hard_negatives: bool = True  # weight the mine stage's hard regions and pixels
-    # distil the scenario images from the network that labelled them: the teacher with the pool's BatchNorm
-    # statistics (pseudo_label.adapt_bn, data/pseudo/pool/batchnorm.pt); general images keep general train's
-    scenario_teacher_batchnorm: bool = True
 
 
 @dataclass(frozen=True)

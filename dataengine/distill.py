@@ -28,12 +28,6 @@ Two details matter for the data engine:
   objects (sum over locations of the max class score, >= 1), as QFL divides by the number of positives; LD is a
   mean weighted by the teacher's max score (the "main distillation region" of LD, softly); feature imitation is
   divided by the teacher feature's variance so its weight does not depend on the feature scale.
-- **Each image is distilled from the network that labelled it.** ``pseudo_label`` labels the pool with the teacher
-  normalised by the pool's own BatchNorm statistics (AdaBN, ``data/pseudo/pool/batchnorm.pt``). With
-  ``distill.scenario_teacher_batchnorm`` the scenario images of a batch get their KD targets from that network and
-  the general images from the teacher as trained, so the dense targets agree with the hard labels the filter
-  accepted (the un-adapted teacher fires more on the scenario's look-alikes). Eval-mode BatchNorm treats every
-  image on its own, so splitting a batch by domain changes no output (tested).
 
 A **baseline** is the same architecture and budget (``epochs x epoch_size`` images) trained on general ground
 truth only, with the same task loss, and nothing of the engine: no pseudo-labels, no teacher, no rebalancing, no
@@ -45,8 +39,7 @@ Example:
     >>> train_student("mobilenet_v3_small", p.distill, p.mine, teacher="models/teacher/model.pt",
     ...               data_root="data/prepared", curated="data/curated/scenario.json", plan="data/rebalance/plan.json",
     ...               mined="data/mined", out_dir="models/students/mobilenet_v3_small",
-    ...               log_dir="dvclive/students/mobilenet_v3_small",
-    ...               teacher_batchnorm="data/pseudo/pool/batchnorm.pt")  # doctest: +SKIP
+    ...               log_dir="dvclive/students/mobilenet_v3_small")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -61,7 +54,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset
+from torch.utils.data import ConcatDataset
 
 from dataengine.config import DistillLossParams, DistillParams, MineParams, StudentSpec
 from dataengine.data.coco import CategoryMap, load_coco
@@ -77,7 +70,6 @@ from dataengine.io import read_json
 from dataengine.models import create_model
 from dataengine.models.losses import quality_focal_loss
 from dataengine.models.multitask import HARD_REGION_BIT, MultiTaskDetSeg, _values_at
-from dataengine.pseudo.adapt import with_batchnorm
 from dataengine.teacher import fit_resuming
 
 __all__ = ["DistillLoss", "FeatureAdapters", "build_student", "distill_terms", "train_student"]
@@ -188,43 +180,6 @@ def _level_masks(per_location: torch.Tensor, shapes: Sequence[Sequence[int]]) ->
             for part, (h, w) in zip(per_location.split(sizes, dim=1), shapes)]
 
 
-class DomainTagged(Dataset):
-    """``dataset``'s samples with ``target["domain"] = domain`` (which teacher distils them, see :class:`DistillLoss`)."""
-
-    def __init__(self, dataset: Dataset, domain: str) -> None:
-        self.dataset, self.domain = dataset, domain
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        image, target = self.dataset[index]
-        return image, {**target, "domain": self.domain}
-
-
-def _stitch(parts: Sequence[tuple[torch.Tensor, Any]], batch: int) -> Any:
-    """Outputs of sub-batches (``(rows, outputs)``, rows a long tensor) put back in batch order.
-
-    Example:
-        >>> a = {"x": torch.tensor([[1.0], [2.0]]), "f": [torch.tensor([10.0, 20.0])]}
-        >>> b = {"x": torch.tensor([[3.0]]), "f": [torch.tensor([30.0])]}
-        >>> out = _stitch([(torch.tensor([0, 2]), a), (torch.tensor([1]), b)], 3)
-        >>> out["x"].flatten().tolist(), out["f"][0].tolist()
-        ([1.0, 3.0, 2.0], [10.0, 30.0, 20.0])
-    """
-    first = parts[0][1]
-    if isinstance(first, torch.Tensor):
-        out = first.new_empty((batch, *first.shape[1:]))
-        for rows, value in parts:
-            out[rows.to(out.device)] = value
-        return out
-    if isinstance(first, Mapping):
-        return {k: _stitch([(rows, value[k]) for rows, value in parts], batch) for k in first}
-    if isinstance(first, (list, tuple)):
-        return type(first)(_stitch([(rows, value[i]) for rows, value in parts], batch) for i in range(len(first)))
-    raise TypeError(f"cannot stitch teacher outputs of type {type(first).__name__}")
-
-
 class DistillLoss:
     """``loss_fn(net, images, targets)`` for :class:`~dataengine.engine.Trainer`: task loss + distillation.
 
@@ -235,20 +190,15 @@ class DistillLoss:
         params: The distill params (weights, task-loss options).
         negative_weight: Loss weight of detection negatives inside mined regions (``mine.negative_weight``).
         pixel_weight: Segmentation-loss weight of mined hard pixels (``mine.pixel_weight``).
-        domain_teachers: Teachers for the samples whose ``target["domain"]`` is a key (:class:`DomainTagged`),
-            e.g. ``{"scenario": <the teacher with the pool's BatchNorm statistics>}``; other samples get ``teacher``.
+        teacher_forward: Run the teacher (``False`` for the baseline and the "no distillation" ablation).
     """
 
     def __init__(self, teacher: nn.Module | None, adapters: FeatureAdapters | None, params: DistillParams, *,
-                 negative_weight: float = 1.0, pixel_weight: float = 1.0,
-                 domain_teachers: Mapping[str, nn.Module] | None = None) -> None:
+                 negative_weight: float = 1.0, pixel_weight: float = 1.0) -> None:
         # The frozen teacher runs channels-last (NHWC, oneDNN's and cuDNN's native layout): its forward is about 45 %
         # of a distillation step on CPU and about 20 % faster this way, with outputs equal to ~1e-5 (tested).
-        def frozen(m: nn.Module) -> nn.Module:
-            return m.eval().requires_grad_(False).to(memory_format=torch.channels_last)
-
-        self.teacher = frozen(teacher) if teacher is not None else None
-        self.domain_teachers = {k: frozen(m) for k, m in (domain_teachers or {}).items()}
+        self.teacher = (teacher.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+                        if teacher is not None else None)
         self.adapters = adapters
         self.params = params
         self.negative_weight = negative_weight
@@ -266,8 +216,10 @@ class DistillLoss:
                                 negative_weight=self.negative_weight, pixel_weight=self.pixel_weight))
         if self.teacher is None:
             return terms
+        if next(self.teacher.parameters()).device != images.device:
+            self.teacher.to(images.device)
         with torch.no_grad():
-            t_out = self.teacher_outputs(images, targets)
+            t_out = self.teacher(images.contiguous(memory_format=torch.channels_last))
         silence = silence_pixels = None
         hard = MultiTaskDetSeg._hard_negative_maps(targets)  # [B, H, W] or None
         if hard is not None:
@@ -283,25 +235,6 @@ class DistillLoss:
         terms.update(kd)
         terms["loss"] = total
         return terms
-
-    def teacher_outputs(self, images: torch.Tensor, targets: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        """The teachers' outputs for a batch: each sample's domain teacher, or :attr:`teacher`; one call per teacher."""
-        assert self.teacher is not None
-        images = images.contiguous(memory_format=torch.channels_last)
-        picks: dict[str, list[int]] = {}
-        for i, t in enumerate(targets):
-            domain = t.get("domain")
-            picks.setdefault(domain if domain in self.domain_teachers else "", []).append(i)
-        parts = []
-        for key, rows in picks.items():
-            net = self.domain_teachers[key] if key else self.teacher
-            if next(net.parameters()).device != images.device:
-                net.to(images.device)
-            if len(picks) == 1:
-                return net(images)
-            index = torch.tensor(rows, device=images.device)
-            parts.append((index, net(images.index_select(0, index).contiguous(memory_format=torch.channels_last))))
-        return _stitch(parts, images.shape[0])
 
 
 def build_student(spec: StudentSpec, num_classes: int, input_size: int, *, segmentation: bool) -> nn.Module:
@@ -356,7 +289,6 @@ def train_student(
     mined: str | Path | None,
     out_dir: str | Path,
     log_dir: str | Path,
-    teacher_batchnorm: str | Path | None = None,
     baseline: bool = False,
     resume: bool = True,
     progress: bool = True,
@@ -365,11 +297,7 @@ def train_student(
 
     ``baseline=True`` ignores ``teacher``, ``curated``, ``plan`` and ``mined``. Otherwise the switches
     ``params.pseudo_labels``, ``params.rebalance`` and ``params.hard_negatives`` and the distillation weights
-    decide what the student gets (the ablations of ``benchmarks/distill_ablation.py``). ``teacher_batchnorm`` is
-    the BatchNorm statistics file ``pseudo_label`` labelled the pool with (``data/pseudo/pool/batchnorm.pt``); with
-    ``params.scenario_teacher_batchnorm`` the scenario images are distilled from the teacher normalised by it. A
-    path that does not exist means the pool was labelled without adaptation (``pseudo_label.adapt_bn: false``
-    removes the file), so they are distilled from the teacher as trained.
+    decide what the student gets (the ablations of ``benchmarks/distill_ablation.py``).
 
     Raises:
         KeyError: ``name`` is not in ``params.students``.
@@ -406,7 +334,7 @@ def train_student(
             maps, regions["scenario"] = _mined_for(mined_doc, mined_dir, "scenario", scenario)
         sources.append(("scenario", CocoDetectionSegDataset(curated, layout.pool_images, train_tf, categories=cats,
                                                             **({"hard_maps": maps} if maps is not None else {}))))
-    dataset = ConcatDataset([DomainTagged(ds, src) for src, ds in sources])
+    dataset = ConcatDataset([ds for _, ds in sources])
     if use_plan:
         from dataengine.curation.rebalance import plan_weights
 
@@ -428,15 +356,6 @@ def train_student(
         if getattr(t_model, "input_size", size) != size or t_model.strides != (8, 16, 32):
             print(f"distill: note: teacher input size {t_model.input_size}, student {size}; the dense terms align "
                   "by stride, so training runs at the student's size", file=sys.stderr)
-    domain_teachers: dict[str, nn.Module] = {}
-    adapted_from = None
-    if (t_model is not None and use_pseudo and params.scenario_teacher_batchnorm and teacher_batchnorm is not None
-            and Path(teacher_batchnorm).is_file()):
-        domain_teachers["scenario"] = with_batchnorm(t_model, teacher_batchnorm)
-        adapted_from = str(teacher_batchnorm)
-        if is_main_process():
-            print(f"distill: scenario images distilled from the teacher with the pool's BatchNorm statistics "
-                  f"({teacher_batchnorm}), general images from the teacher as trained", file=sys.stderr)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         scores = evaluate_model(m, val_coco, layout.general_images, input_size=size)
@@ -450,7 +369,7 @@ def train_student(
             adapters = FeatureAdapters([student.neck_channels] * 3, [t_model.neck_channels] * 3)
         loss_fn = DistillLoss(t_model, adapters, params,
                               negative_weight=mine.negative_weight if use_mined else 1.0,
-                              pixel_weight=mine.pixel_weight if use_mined else 1.0, domain_teachers=domain_teachers)
+                              pixel_weight=mine.pixel_weight if use_mined else 1.0)
         return Trainer(student, dataset, params.train, out_dir, collate_fn=collate, evaluate_fn=evaluate,
                        loss_fn=loss_fn, sampler_weights=weights, epoch_size=params.epoch_size,
                        extra_modules=adapters, class_names=list(cats.names), input_size=size, log_dir=log_dir,
@@ -476,7 +395,6 @@ def train_student(
         "used": {"sources": [src for src, _ in sources], "images": len(dataset), "rebalance": use_plan,
                  "hard_negatives": use_mined, "hard_negative_images": sum(hard),
                  "hard_negative_draw_share": round(hard_share_after, 4), "teacher": t_model is not None,
-                 "scenario_teacher_batchnorm": adapted_from,
                  "distill_weights": dataclasses.asdict(params.loss) if t_model is not None else None},
     }
 

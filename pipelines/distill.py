@@ -23,10 +23,6 @@ def main() -> int:
     parser.add_argument("--params", default="params.yaml", help="params file (sections distill, mine)")
     parser.add_argument("--baseline", action="store_true", help="train the supervised baseline instead")
     parser.add_argument("--teacher", default="models/teacher/model.pt", help="teacher checkpoint")
-    parser.add_argument("--teacher-batchnorm", default="data/pseudo/pool/batchnorm.pt",
-                        help="BatchNorm statistics the pool was labelled with (pseudo_label.adapt_bn): the scenario "
-                             "images are distilled from the teacher normalised by them (distill."
-                             "scenario_teacher_batchnorm); a missing file means the pool was labelled without them")
     parser.add_argument("--data", default="data/prepared", help="prepared data root")
     parser.add_argument("--curated", default="data/curated/scenario.json", help="curated scenario set (COCO)")
     parser.add_argument("--plan", default="data/rebalance/plan.json", help="rebalance plan")
@@ -40,8 +36,7 @@ def main() -> int:
     params = load_params(args.params, ["distill", "mine"])
     metrics = train_student(args.student, params.distill, params.mine, teacher=args.teacher, data_root=args.data,
                             curated=args.curated, plan=args.plan, mined=args.mined, out_dir=args.out,
-                            log_dir=args.log_dir, teacher_batchnorm=args.teacher_batchnorm, baseline=args.baseline,
-                            resume=not args.no_resume)
+                            log_dir=args.log_dir, baseline=args.baseline, resume=not args.no_resume)
     if is_main_process():
         atomic_write_json(args.metrics, metrics)
         role = "baseline" if args.baseline else "student"

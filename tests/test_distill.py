@@ -224,8 +224,7 @@ def test_student_and_baseline_train_on_what_their_switches_say(tiny_engine: dict
     share = round(4 * w / (sum(im["repeat_factor"] for im in plan) + 3 * w), 4)  # its weight w becomes 4w
     assert student["used"] == {"sources": ["general", "scenario"], "images": 20, "rebalance": True,
                                "hard_negatives": True, "hard_negative_images": 1, "hard_negative_draw_share": share,
-                               "teacher": True, "scenario_teacher_batchnorm": None,
-                               "distill_weights": dataclasses.asdict(DistillLossParams())}
+                               "teacher": True, "distill_weights": dataclasses.asdict(DistillLossParams())}
     assert student["steps"] == 2 and {"kd_cls", "kd_box", "kd_feat", "kd_seg", "qfl", "seg"} <= set(
         student["final_losses"])
     assert all(math.isfinite(v) for v in student["final_losses"].values())
@@ -237,7 +236,7 @@ def test_student_and_baseline_train_on_what_their_switches_say(tiny_engine: dict
     assert baseline["role"] == "baseline" and baseline["steps"] == 2
     assert baseline["used"] == {"sources": ["general"], "images": 12, "rebalance": False, "hard_negatives": False,
                                 "hard_negative_images": 0, "hard_negative_draw_share": 0.0, "teacher": False,
-                                "scenario_teacher_batchnorm": None, "distill_weights": None}
+                                "distill_weights": None}
     assert not any(k.startswith("kd_") for k in baseline["final_losses"])
     with pytest.raises(KeyError, match="'nobody' is not in params distill.students"):
         train_student("nobody", _distill_params(), MineParams(), out_dir=tmp_path / "x", log_dir=tmp_path / "lx",
@@ -351,64 +350,3 @@ def test_the_channels_last_teacher_distils_what_the_plain_teacher_does(tiny_engi
         want = distill_terms(student(images), plain_teacher(images), params=params.loss, reg_max=student.reg_max)
     for key in ("kd_cls", "kd_box", "kd_seg"):
         assert float(got[key].detach()) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-6), key
-
-
-def _adapted_teacher(e: dict[str, Any], tmp_path: Path) -> tuple[torch.nn.Module, torch.nn.Module, Path]:
-    """The tiny teacher, and the same with BatchNorm statistics re-estimated on the pool (``batchnorm.pt``)."""
-    from dataengine.engine.checkpoint import load_model
-    from dataengine.pseudo.adapt import adapt_batchnorm
-    from dataengine.pseudo.tta import tta_views
-
-    teacher, _ = load_model(e["teacher"], lambda c: create_model(**c))
-    files = sorted(im["file_name"] for im in read_json(e["curated"])["images"])
-    adapted, _ = adapt_batchnorm(teacher.eval(), e["data"] / "scenario/pool", files, tta_views(64, (1.0,), hflip=False),
-                                 out_dir=tmp_path, batch_size=4, progress=False)
-    return teacher.eval(), adapted, tmp_path / "batchnorm.pt"
-
-
-def test_each_domain_is_distilled_from_its_own_teacher(tiny_engine: dict[str, Any], tmp_path) -> None:
-    """Scenario samples get the adapted teacher's outputs, the others the teacher's, each as on its own."""
-    import copy
-
-    from dataengine.distill import DistillLoss
-
-    teacher, adapted, _ = _adapted_teacher(tiny_engine, tmp_path)
-    plain, plain_adapted = copy.deepcopy(teacher), copy.deepcopy(adapted)
-    params = _distill_params()
-    loss = DistillLoss(teacher, None, params, domain_teachers={"scenario": adapted})
-    images = torch.rand(3, 3, 64, 64)
-    domains = [{"domain": "general"}, {"domain": "scenario"}, {}]  # untagged: the teacher as trained
-    with torch.no_grad():
-        got = loss.teacher_outputs(images, domains)
-        want_plain, want_adapted = plain(images), plain_adapted(images)
-    assert not torch.allclose(want_plain["cls_logits"][1], want_adapted["cls_logits"][1], atol=1e-3)
-    for key in ("cls_logits", "bbox_dist", "seg_logits"):
-        for row, want in ((0, want_plain), (1, want_adapted), (2, want_plain)):
-            torch.testing.assert_close(got[key][row], want[key][row], rtol=1e-4, atol=1e-4, msg=f"{key} {row}")
-    for level, (g, w) in enumerate(zip(got["features"], want_adapted["features"])):
-        torch.testing.assert_close(g[1], w[1], rtol=1e-4, atol=1e-4, msg=f"P{level + 3}")
-    with torch.no_grad():  # one domain only: one call, the batch as a whole
-        only = loss.teacher_outputs(images, [{"domain": "scenario"}] * 3)
-    torch.testing.assert_close(only["cls_logits"], want_adapted["cls_logits"], rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.slow
-def test_the_student_uses_the_pool_statistics_when_the_pool_was_labelled_with_them(tiny_engine: dict[str, Any],
-                                                                                   tmp_path) -> None:
-    from dataengine.config import MineParams
-    from dataengine.distill import train_student
-
-    e = tiny_engine
-    _, _, stats = _adapted_teacher(e, tmp_path)
-    kwargs = dict(teacher=e["teacher"], data_root=e["data"], curated=e["curated"], plan=e["plan"], mined=None,
-                  progress=False)
-    on = train_student("s", _distill_params(), MineParams(), out_dir=tmp_path / "on", log_dir=tmp_path / "l1",
-                       teacher_batchnorm=stats, **kwargs)
-    assert on["used"]["scenario_teacher_batchnorm"] == str(stats) and "kd_cls" in on["final_losses"]
-    off = train_student("s", _distill_params(scenario_teacher_batchnorm=False), MineParams(),
-                        out_dir=tmp_path / "off", log_dir=tmp_path / "l2", teacher_batchnorm=stats, **kwargs)
-    missing = train_student("s", _distill_params(), MineParams(), out_dir=tmp_path / "missing",
-                            log_dir=tmp_path / "l3", teacher_batchnorm=tmp_path / "nowhere.pt", **kwargs)
-    assert off["used"]["scenario_teacher_batchnorm"] is None and missing["used"]["scenario_teacher_batchnorm"] is None
-    assert off["final_losses"] == missing["final_losses"]  # both distil from the teacher as trained
-    assert on["final_losses"]["kd_cls"] != off["final_losses"]["kd_cls"]
