@@ -6,7 +6,8 @@ circle-coloured ellipse like a circle (README, "Pseudo-labels"). A common answer
 **novelty gate**: accept a box only where its features lie inside the calibration data's support, and send the
 rest to review. This script measures whether that would work here, with the deep nearest-neighbour score of Sun et
 al. 2022 ("Out-of-distribution detection with deep nearest neighbors"): the cosine distance from a box's feature to
-its ``k``-th nearest general-train ground-truth box of the same class.
+its ``k``-th nearest general-train ground-truth box of the same class. (``benchmarks/review_propagation.py`` ranked
+boxes by a Mahalanobis distance before AdaBN; this script applies a gate, with the pool's statistics.)
 
 - Features: the teacher's BiFPN outputs at the box (``torchvision.ops.roi_align``: P3 at 4x4 and P4 at 2x2 cells,
   concatenated), for general train with the teacher's own BatchNorm statistics, general val with val's and the
