@@ -42,6 +42,9 @@ from dataengine.profiles import merge
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
+from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU; each CPU type trains its own teacher)
+
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     """``set_dotted(t, "a.b", 1)`` sets ``t["a"]["b"] = 1``."""
@@ -144,7 +147,7 @@ def main() -> int:
         result[f"{fraction:g}"] = run_fraction(fraction, args.overrides, Path(args.work))
         result.update({
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.processor() or 'cpu'}",
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {machine_info()['cpu']}",
             "overrides": args.overrides,
         })
         atomic_write_json(out_path, result, indent=1)  # after every fraction: a long run keeps what it finished
