@@ -20,7 +20,7 @@ Reported per class: the AUROC of the score for wrong vs right accepted labels (0
 labels' true precision before and after the gate.
 
 Usage:
-    python benchmarks/novelty_gate.py    # needs `dvc repro` up to `filter` on the demo; ~20 s on 2 CPU cores
+    python benchmarks/novelty_gate.py    # needs `dvc repro` up to `filter` on the demo; ~15 s on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -56,7 +56,10 @@ LEVELS = ((0, 8, 4), (1, 16, 2))  # (BiFPN output, stride, roi_align cells per s
 
 def box_features(model: torch.nn.Module, root: Path, coco: dict[str, Any], annotations: Sequence[dict[str, Any]],
                  batch_size: int = 32) -> np.ndarray:
-    """``[len(annotations), D]`` neck features at each annotation's box (see :data:`LEVELS`), in their order."""
+    """``[len(annotations), D]`` neck features at each annotation's box (see :data:`LEVELS`), in their order.
+
+    Images go to the network as they are, batched, so they must share one size (the demo's 128 px, its input size).
+    """
     files = {im["id"]: im["file_name"] for im in coco["images"]}
     by_image: dict[Any, list[int]] = {}
     for i, a in enumerate(annotations):
