@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from dataengine.data.coco import load_coco
 from dataengine.data.images import read_image
 from dataengine.engine.checkpoint import load_model
 from dataengine.evaluation.detection import match_predictions
+from dataengine.export import git_commit
 from dataengine.io import atomic_write_json
 from dataengine.models import create_model
 from dataengine.pseudo.adapt import with_batchnorm
@@ -151,10 +151,8 @@ def main() -> int:
             "kept_true_precision": round(float(right[kept].mean()), 4) if kept.any() else None}
         print(f"{name:9s} {m.sum():4d} accepted at {right[m].mean():.3f}; AUROC {classes[name]['auroc_wrong_vs_right']}"
               f"; gated: {kept.sum():4d} at {classes[name]['kept_true_precision']}", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "machine": machine_info(), "commit": commit or None, "k": args.k, "quantile": args.quantile,
+           "machine": machine_info(), "commit": git_commit(Path(__file__).resolve().parents[1]), "k": args.k, "quantile": args.quantile,
            "features": "teacher BiFPN P3 4x4 + P4 2x2 roi_align", "reference": "general train ground truth",
            "auroc_wrong_vs_right": round(float(roc_auc_score(~right, s_pool)), 4),
            "accepted": len(right), "true_precision": round(float(right.mean()), 4),
