@@ -21,8 +21,8 @@ Per teacher and setting it records:
 The hidden labels are read for these diagnostics only, as in the pipeline.
 
 Needs ``dvc repro`` up to ``train_teacher``. Other teachers come from ``benchmarks/calibration_coverage.py --seeds
-0 1 2`` (``benchmarks/work/calibration_coverage/rate<r>[_seed<s>]/``): the default run list takes the default demo's
-seed-1 and seed-2 teachers when they are there.
+0 1 2`` (``benchmarks/work/calibration_coverage/rate<r>[_seed<s>]/``): the default run list takes the seed-1 and seed-2
+teachers of the params' demo (its look-alike rate) when they are there.
 
 Usage:
     python benchmarks/adapt_bn.py                        # 3 teachers: about 6 minutes on 2 CPU cores
@@ -62,18 +62,22 @@ from dataengine.pseudo.adapt import BATCHNORM_FILE, with_batchnorm  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from calibration_coverage import run_dir  # noqa: E402
 from tta_scales import accepted_band, filter_command, pool_ap50, pseudo_label_command  # noqa: E402
 
 COVERAGE = Path("benchmarks/work/calibration_coverage")
 MIN_ACCEPTED = 20  # the issue's bar counts classes with at least this many accepted labels
 
 
-def default_runs() -> list[tuple[str, Path, Path]]:
-    """``(name, teacher dir, prepared data)``: the ``dvc repro`` teacher, then the default demo's other seeds from
-    ``calibration_coverage.py`` where they exist."""
-    runs = [("seed0", Path("models/teacher"), Path("data/prepared"))]
+def default_runs(params: Path) -> list[tuple[str, Path, Path]]:
+    """``(name, teacher dir, prepared data)``: the ``dvc repro`` teacher, then the teachers of seeds 1 and 2 that
+    ``calibration_coverage.py`` trained on the demo of ``params`` (its ``data.demo.general_confuser_rate``), where
+    they exist."""
+    loaded = load_params(params)
+    rate, base_seed = loaded.data.demo.general_confuser_rate, loaded.teacher.train.seed
+    runs = [(f"seed{base_seed}", Path("models/teacher"), Path("data/prepared"))]
     for seed in (1, 2):
-        run = COVERAGE / f"rate0_seed{seed}"
+        run = run_dir(COVERAGE, rate, seed, base_seed)
         if (run / "teacher" / "model.pt").is_file():
             runs.append((f"seed{seed}", run / "teacher", run / "prepared"))
     return runs
@@ -159,15 +163,15 @@ def run_teacher(name: str, teacher: Path, data: Path, base: Path, work: Path, re
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=parse_run, default=None, metavar="NAME=DIR",
-                        help="calibration_coverage.py run folders (default: the dvc repro teacher and the default "
-                        "demo's seed-1 and seed-2 teachers)")
+                        help="calibration_coverage.py run folders (default: the dvc repro teacher and the seed-1 and "
+                        "seed-2 teachers of the params' demo)")
     parser.add_argument("--params", default="params.yaml", type=Path,
                         help="base params: pseudo_label and filter as the pipeline runs them")
     parser.add_argument("--work", default="benchmarks/work/adapt_bn", type=Path, help="scratch folder")
     parser.add_argument("--reuse", action="store_true", help="skip a stage whose output a previous run left")
     parser.add_argument("--out", default="benchmarks/results/adapt_bn.json", type=Path)
     args = parser.parse_args()
-    runs = args.runs or default_runs()
+    runs = args.runs or default_runs(args.params)
     results = {name: run_teacher(name, teacher, data, args.params, args.work, args.reuse)
                for name, teacher, data in runs}
     meta = {"date": datetime.date.today().isoformat(), "git_commit": git_commit(), "machine": platform.machine(),

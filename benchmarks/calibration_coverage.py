@@ -2,7 +2,8 @@
 
 The filter calibrates ``P(correct | score, consistency)`` on general val. On the demo pool its accepted band's
 estimated precision is 0.90-1.00, but the true precision of circle, triangle and star is 0.76-0.83: most wrong
-accepted boxes sit on **confusers**, shapes that resemble a class, which the default demo draws in the scenario only.
+accepted boxes sit on **confusers**, shapes that resemble a class, which the demo drew in the scenario only until
+2026-11-25 (``general_confuser_rate: 0``, the hardest case; the default is 0.2 since).
 The explanation given so far (README, "Not yet good enough") is that val has no confusers, so no calibration fitted
 on it can price them in. This script tests that explanation by changing only that: it regenerates the demo with
 ``data.demo.general_confuser_rate`` = each of ``--rates`` (look-alikes per general train/val image, unlabelled
@@ -16,8 +17,8 @@ a confuser (the rule of :func:`dataengine.evaluation.confuser_false_positives`, 
 on general val and the scenario test set. The hidden pool labels are read for these diagnostics only, as in the
 pipeline.
 
-Rate 0 is the default demo: its numbers should equal the main ``dvc repro``'s (the teacher trains
-deterministically within its time budget).
+The params' own rate (0.2 since 2026-11-25; 0 before) is the default demo: its numbers should equal the main
+``dvc repro``'s (the teacher trains deterministically within its time budget).
 
 ``--seeds`` also trains the teacher with other ``teacher.train.seed`` values (same data, same params otherwise,
 into ``--work/rate<r>_seed<s>/``): how far the per-class numbers move with the teacher's initialisation and sampling
