@@ -269,6 +269,8 @@ class MineParams:
     sources: tuple[Literal["general", "scenario"], ...] = ("general", "scenario")
     score_threshold: float = _range(0.0, 1.0, default=0.5)  # teacher boxes at least this confident are "firings"
     match_iou: float = _range(0.0, 1.0, default=0.3)  # a firing overlapping a curated box this much is not a negative
+    # scenario: also mine confident boxes that only the filter rejected, no person (off: on the demo most are objects)
+    unreviewed_rejects: bool = False
     max_regions_per_image: int = _range(1, 1000, default=10)
     negative_weight: float = _range(1.0, 100.0, default=3.0)  # loss weight of negatives inside hard regions
     image_repeat: float = _range(1.0, 100.0, default=1.0)  # images with a hard region are drawn this x as often

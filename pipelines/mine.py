@@ -1,9 +1,11 @@
 """DVC stage `mine`: image-level and pixel-level hard negatives of general train and the curated scenario set.
 
 Image level: teacher boxes at or above `mine.score_threshold` that no label box matches (IoU >= `mine.match_iou`,
-any class), and every image a reviewer flagged `negative`; pixel level: teacher foreground >= `mine.pixel_confidence`
+any class) -- on the scenario set only those a person rejected, unless `mine.unreviewed_rejects` -- and every image a
+reviewer flagged `negative`; pixel level: teacher foreground >= `mine.pixel_confidence`
 where the label says background. Writes data/mined/hard_negatives.json, per-image maps data/mined/maps/ (bit 1 region,
-bit 2 hard pixel) and metrics/mine.json. Rules and why: dataengine/curation/mining.py."""
+bit 2 hard pixel) and metrics/mine.json (with `hidden_label_check`, where the scenario pool's hidden labels exist:
+how many scenario regions sit on real objects; diagnostic only). Rules and why: dataengine/curation/mining.py."""
 
 from __future__ import annotations
 
@@ -12,7 +14,13 @@ import sys
 import time
 
 from dataengine.config import load_params
-from dataengine.curation import mine_hard_negatives, mining_metrics, mining_summary_lines, write_mined
+from dataengine.curation import (
+    mine_hard_negatives,
+    mining_metrics,
+    mining_summary_lines,
+    regions_against_hidden,
+    write_mined,
+)
 from dataengine.data.coco import CategoryMap, load_coco
 from dataengine.data.layout import PreparedLayout
 from dataengine.engine.checkpoint import load_model
@@ -48,9 +56,17 @@ def main() -> int:
         names = list(CategoryMap.from_coco(load_coco(PreparedLayout(args.data).general_train)).names)
         teacher, _ = load_model(args.teacher, lambda c: create_model(**c), class_names=names)
     result = mine_hard_negatives(params, data_root=args.data, curated=args.curated, pseudo=args.pseudo,
-                                 decisions=decisions, review_queue=review_queue, teacher=teacher, progress=not args.no_progress)
+                                 decisions=decisions, review_queue=review_queue, teacher=teacher,
+                                 progress=not args.no_progress)
     write_mined(result, args.out)
     metrics = mining_metrics(result)
+    hidden = PreparedLayout(args.data).pool_hidden
+    if hidden.is_file() and "scenario" in result.images:  # diagnostic only: written after every decision above
+        metrics["hidden_label_check"] = regions_against_hidden(result.images["scenario"], load_coco(hidden))
+        check = metrics["hidden_label_check"]
+        print(f"mine scenario, by the pool's hidden labels: of {check['regions']} regions, "
+              f"{check['on_object_of_its_class'] + check['on_object_of_another_class']} sit on a real object, "
+              f"{check['on_confuser']} on a look-alike, {check['elsewhere']} elsewhere")
     atomic_write_json(args.metrics, metrics)
     print("\n".join(mining_summary_lines(metrics)))
     print(f"mine: wrote {args.out}/hard_negatives.json ({metrics['listed_images']} images, "

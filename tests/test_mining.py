@@ -29,10 +29,10 @@ from dataengine.curation import (
     stored_foreground,
     write_mined,
 )
-from dataengine.curation.mining import general_evidence
+from dataengine.curation.mining import MinedImage, general_evidence, regions_against_hidden
 from dataengine.data.dataset import CocoDetectionSegDataset, read_hard_map
 from dataengine.data.transforms import IMAGE_FILL, HardNegativeMask, SanitizeBoxesKeepSemantic, build_transforms
-from dataengine.review.decisions import empty_decisions, image_decision
+from dataengine.review.decisions import empty_decisions, image_decision, label_decision
 
 NAMES = ["circle", "square"]
 CATS = [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]
@@ -192,7 +192,7 @@ def scenario_tree(tmp_path: Path) -> dict[str, Path]:
                    for f, _ in images],
         "boxes": [
             {"file_name": "a.png", "bbox": [0, 0, 4, 4], "label": 0, "score": 0.9},  # matched
-            {"file_name": "a.png", "bbox": [5.004, 5, 9, 8], "label": 1, "score": 0.6},  # region
+            {"file_name": "a.png", "bbox": [5.004, 5, 9, 8], "label": 1, "score": 0.6},  # rejected by a person: region
             {"file_name": "a.png", "bbox": [6, 0, 9, 3], "label": 0, "score": 0.3},  # not confident
             {"file_name": "b/c.png", "bbox": [1, 1, 3, 3], "label": 1, "score": 0.2},  # negative: regions
             {"file_name": "b/c.png", "bbox": [5, 1, 7, 3], "label": 0, "score": 0.1},
@@ -205,6 +205,7 @@ def scenario_tree(tmp_path: Path) -> dict[str, Path]:
     (pred_dir / "predictions.json").write_text(json.dumps(preds))
     decisions = empty_decisions()
     decisions["images"]["b/c.png"] = image_decision(source="fiftyone", flags=["negative"])
+    decisions["labels"]["a.png#1"] = label_decision("a.png", "reject", source="fiftyone")
     decisions["images"]["gone.png"] = image_decision(source="fiftyone", flags=["negative", "relabel"])
     return {"curated": curated_dir / "scenario.json", "pseudo": tmp_path / "pseudo", "decisions": decisions,
             "root": tmp_path}
@@ -253,19 +254,59 @@ def test_scenario_stage_document_metrics_and_maps(scenario_tree: dict[str, Any],
                                "reviewer_negative 1), 3 regions") and "skipped 1 x negative_not_curated" in lines[-1]
 
 
+def _a_regions(tree: dict[str, Any], decisions: dict[str, Any], queue: list[dict[str, Any]] | None = None,
+               **params: Any) -> list[Any]:
+    """The regions of ``a.png`` (the 0.6 square at [5, 5, 9, 8] is the only confident unmatched box)."""
+    result = mine_hard_negatives(MineParams(sources=("scenario",), **params), data_root=tree["root"] / "prepared",
+                                 curated=tree["curated"], pseudo=tree["pseudo"], decisions=decisions,
+                                 review_queue=queue or [])
+    return [r["bbox"] for m in result.images["scenario"] if m.file_name == "a.png" for r in m.regions]
+
+
+def _without_labels(decisions: dict[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(decisions))
+    out["labels"] = {}
+    return out
+
+
+def test_on_the_scenario_only_a_persons_verdict_makes_a_region(scenario_tree: dict[str, Any]) -> None:
+    square = [[5.0, 5.0, 9.0, 8.0]]
+    undecided = _without_labels(scenario_tree["decisions"])
+    assert _a_regions(scenario_tree, undecided) == []  # only the filter rejected it: unknown, not negative
+    assert _a_regions(scenario_tree, undecided, unreviewed_rejects=True) == square  # the filter-only rule
+    assert _a_regions(scenario_tree, scenario_tree["decisions"]) == square  # a person rejected it
+    accepted = _without_labels(scenario_tree["decisions"])
+    accepted["labels"]["a.png#1"] = label_decision("a.png", "accept", source="labelstudio")
+    assert _a_regions(scenario_tree, accepted) == []  # a person said it is right
+    moved = _without_labels(scenario_tree["decisions"])  # corrected far away: the teacher's box was wrong there
+    moved["labels"]["a.png#1"] = label_decision("a.png", "correct", source="labelstudio", bbox=[0, 5, 3, 8],
+                                                class_name="square")
+    assert _a_regions(scenario_tree, moved) == square
+    reclassed = _without_labels(scenario_tree["decisions"])  # the verdict is wrong, but the box is another
+    reclassed["labels"]["a.png#1"] = label_decision("a.png", "correct", source="labelstudio",  # class's object:
+                                                    bbox=[5, 5, 9, 8], class_name="circle")  # only the curated set
+    assert _a_regions(scenario_tree, reclassed) == square  # keeps it (the review stage adds it: not run here)
+
+
+def test_a_stale_reject_follows_its_box_as_the_review_stage_does(scenario_tree: dict[str, Any]) -> None:
+    stale = _without_labels(scenario_tree["decisions"])  # decided on another teacher's output, where #2 was the box
+    stale["labels"]["a.png#2"] = label_decision("a.png", "reject", source="fiftyone",
+                                                original={"bbox": [5, 5, 9, 8], "class_name": "square"})
+    assert _a_regions(scenario_tree, stale) == [[5.0, 5.0, 9.0, 8.0]]
+    elsewhere = _without_labels(scenario_tree["decisions"])  # its original matches no current box: nothing
+    elsewhere["labels"]["a.png#2"] = label_decision("a.png", "reject", source="fiftyone",
+                                                    original={"bbox": [0, 5, 2, 8], "class_name": "square"})
+    assert _a_regions(scenario_tree, elsewhere) == []
+
+
 def test_undecided_review_boxes_are_never_negatives(scenario_tree: dict[str, Any]) -> None:
     queue = [{"id": "a.png#7", "file_name": "a.png", "bbox": [5.0, 5.0, 9.0, 8.0]}]  # over a.png's region
-
-    def regions(decisions: dict[str, Any]) -> list[Any]:
-        result = mine_hard_negatives(MineParams(sources=("scenario",)), data_root=scenario_tree["root"] / "prepared",
-                                     curated=scenario_tree["curated"], pseudo=scenario_tree["pseudo"],
-                                     decisions=decisions, review_queue=queue)
-        return [r["bbox"] for m in result.images["scenario"] if m.file_name == "a.png" for r in m.regions]
-
-    assert regions(scenario_tree["decisions"]) == []  # nobody decided the box yet: unknown, not negative
-    decided = json.loads(json.dumps(scenario_tree["decisions"]))
+    undecided = _without_labels(scenario_tree["decisions"])
+    # nobody decided the queue's box yet: unknown, not negative, even under the filter-only rule
+    assert _a_regions(scenario_tree, undecided, queue, unreviewed_rejects=True) == []
+    decided = json.loads(json.dumps(undecided))
     decided["labels"]["a.png#7"] = {"decision": "reject"}  # a reviewer rejected it: the region is back
-    assert regions(decided) == [[5.0, 5.0, 9.0, 8.0]]
+    assert _a_regions(scenario_tree, decided, queue, unreviewed_rejects=True) == [[5.0, 5.0, 9.0, 8.0]]
 
 
 def test_reruns_are_byte_identical_and_remove_stale_maps(scenario_tree: dict[str, Any], tmp_path: Path) -> None:
@@ -506,3 +547,29 @@ def test_fiftyone_shows_mined_regions_and_drops_them_when_the_output_is_gone(tmp
     finally:
         if fo.dataset_exists(name):
             fo.delete_dataset(name)
+
+
+def test_regions_against_hidden_counts_each_region_once_in_order() -> None:
+    hidden = {"images": [{"id": 1, "file_name": "a.png", "confusers": [[40, 0, 10, 10]]},
+                         {"id": 2, "file_name": "b.png"}],
+              "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+                              {"id": 2, "image_id": 1, "category_id": 2, "bbox": [20, 0, 10, 10]},
+                              {"id": 3, "image_id": 1, "category_id": 2, "bbox": [0, 0, 10, 10]}],  # same place
+              "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}]}
+    region = lambda box, cls: {"bbox": box, "class_name": cls, "score": 0.9}  # noqa: E731
+    mined = [
+        MinedImage("scenario", "a.png", 1, ["teacher_fp"], [
+            region([0, 0, 10, 10], "square"),  # on a circle and a square: its own class wins
+            region([20, 0, 30, 10], "circle"),  # on a square
+            region([21, 0, 31, 10], "square"),  # IoU 0.82 with the square
+            region([40, 0, 46, 10], "circle"),  # IoU 0.6 with the confuser
+            region([60, 60, 70, 70], "circle"),  # nothing there
+        ]),
+        MinedImage("scenario", "b.png", 2, ["teacher_fp"], [region([0, 0, 10, 10], "circle")]),  # image without objects
+        MinedImage("scenario", "c.png", 3, ["teacher_fp"], [region([0, 0, 10, 10], "circle")]),  # not in hidden
+        MinedImage("scenario", "d.png", 4, [], []),
+    ]
+    assert regions_against_hidden(mined, hidden) == {
+        "regions": 7, "on_object_of_its_class": 2, "on_object_of_another_class": 1, "on_confuser": 1, "elsewhere": 2,
+        "not_in_hidden": 1}
+

@@ -38,12 +38,16 @@ def test_every_shipped_profile_validates(profile: Path) -> None:
 def test_reviewed_profile_is_the_measured_configuration() -> None:
     """The README's and curation_ablation.json's numbers for this profile were measured with exactly these values."""
     assert profile_overrides(ROOT / "profiles/reviewed.yaml", ROOT / "params.yaml") == {
-        "distill.train.epochs": 36, "distill.train.eval_every": 6, "mine.score_threshold": 0.3}
+        "distill.train.epochs": 36, "distill.train.eval_every": 6, "mine.score_threshold": 0.3,
+        "mine.unreviewed_rejects": True}
     measured = json.loads((ROOT / "benchmarks/results/curation_ablation.json").read_text())[
         "simulated_review_audit_epochs36_mine_score_0.3"]
     base = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert measured["budget_images"] == 36 * base["distill"]["epoch_size"]
-    assert measured["mine"] == {**base["mine"], "score_threshold": 0.3}
+    # measured before mine.unreviewed_rejects existed, with the rule it now names (the filter's rejects count)
+    assert "unreviewed_rejects" not in measured["mine"]
+    assert {**measured["mine"], "unreviewed_rejects": True} == {**base["mine"], "score_threshold": 0.3,
+                                                                 "unreviewed_rejects": True}
 
 
 def test_bad_profile_names_key_and_files(tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ Built so that every part of the engine has something to do on a laptop CPU in mi
   textures from scikit-image as backgrounds, darker/brighter light with colour casts, lower contrast, smaller
   objects, more clutter, about 10 % of images without any object, and **confusers**: shapes that resemble a class
   in its colour family but are not one (:data:`CONFUSER_OF`: an ellipse or hexagon next to the circle, a
-  rectangle next to the square, ...). By default confusers exist only in the scenario, so a teacher trained on the
-  general domain fires on them: they are the hard negatives that mining should find
-  (``DemoParams.general_confuser_rate`` puts some in the general set too, as unlabelled background). Files sit in
+  rectangle next to the square, ...). A teacher trained on the general domain fires on them: they are the hard
+  negatives that mining should find. ``DemoParams.general_confuser_rate`` puts some in the general set too, as
+  unlabelled background (``params.yaml``: 0.2 per image; the library default 0 keeps them scenario-only, the hardest
+  case for a filter calibrated on general val). Files sit in
   nested folders with mixed-case extensions and some JPEGs (:data:`POOL_FOLDERS`), to exercise the scenario-folder
   contract. The true labels go to ``scenario/pool_hidden.json`` (with ``confusers`` metadata), read only by diagnostics.
 - **Scenario test set** (``scenario/test.json``): same domain as the pool, disjoint images, fully labelled, with
