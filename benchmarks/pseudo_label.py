@@ -45,6 +45,7 @@ from dataengine.io import atomic_write_json, safe_join
 from dataengine.models import count_gflops, create_model
 from dataengine.pseudo import (
     ViewBoxes,
+    adapt_batchnorm,
     flip_image_regions,
     fuse_boxes,
     label_images,
@@ -174,6 +175,17 @@ def main() -> int:
     gflops_per_image = sum(count_gflops(model, v.size) for v in views)
     load_before = os.getloadavg()
     peaks = _peaks()
+    adapt_seconds = None
+    if params.adapt_bn:
+        # Both paths label with one network: the teacher with its BatchNorm statistics adapted once, as the stage
+        # does before it labels (timed apart: adapt_bn_seconds). Left on, label_images would re-adapt on every
+        # block and the naive loop never, so the paths would neither run the same model nor do the same work.
+        with tempfile.TemporaryDirectory() as tmp:
+            model, info = adapt_batchnorm(model, layout.pool_images, files, views, out_dir=tmp,
+                                          batch_size=params.batch_size, max_images=params.adapt_bn_images,
+                                          progress=False)
+        adapt_seconds = round(info["seconds"], 2) if info else None
+        params = dataclasses.replace(params, adapt_bn=False)
 
     blocks = [files[i :: args.rounds] for i in range(args.rounds)]
     seconds = {"batched": 0.0, "batched_contiguous": 0.0, "naive": 0.0}
@@ -219,6 +231,7 @@ def main() -> int:
         "gflops_per_image": round(gflops_per_image, 4),
         "batch_size": params.batch_size,
         "num_workers": params.num_workers,
+        "adapt_bn_seconds": adapt_seconds,  # the stage's BatchNorm pass over these images, before either path
         "model": model.config["name"],
         "forward_ms_per_image": {k: round(v, 2) for k, v in forward.items()},
         "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
