@@ -52,13 +52,19 @@ fi
 
 # What the review tests start, like a database: a real Label Studio server (its Django pins live in a venv of their
 # own) and Debian's headless Chromium for the FiftyOne App. Installed for `test` only; `repro` does not need them.
+# sentry-sdk 3.0 (2026-12) refuses the `send_default_pii` option that label-studio 1.23.2 passes at start-up
+# ("TypeError: Unknown option"), and label-studio does not cap it: the server then exits at once.
+LABEL_STUDIO_SPEC=("label-studio>=1.20" "sentry-sdk<3")
 install_review_servers() {
     local ls_venv="${LABEL_STUDIO_VENV:-.venv-labelstudio}"
-    if [ ! -x "$ls_venv/bin/label-studio" ]; then
+    local ls_stamp="$ls_venv/.dataengine-$(printf '%s\n' "${LABEL_STUDIO_SPEC[@]}" | sha256sum | cut -c1-16)"
+    if [ ! -x "$ls_venv/bin/label-studio" ] || [ ! -f "$ls_stamp" ]; then
         log "installing the Label Studio server into $ls_venv (the first time takes a few minutes)"
-        "$PYTHON" -m venv "$ls_venv"
-        "$ls_venv/bin/python" -m pip --disable-pip-version-check install -q "label-studio>=1.20" \
+        [ -x "$ls_venv/bin/python" ] || "$PYTHON" -m venv "$ls_venv"
+        "$ls_venv/bin/python" -m pip --disable-pip-version-check install -q "${LABEL_STUDIO_SPEC[@]}" \
             2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+        rm -f "$ls_venv"/.dataengine-*
+        touch "$ls_stamp"
     fi
     if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
