@@ -4,8 +4,8 @@ The demo's scenario objects are smaller than the general set's (median square ro
 pool, 24 px in general train, a ratio of 1.33), so the teacher sees them below the scale it learnt.
 ``pseudo_label.tta_scales`` (default ``[1.25, 1.5]`` since 2026-11-25, ``[1.0, 1.25]`` before) sets the views it
 labels at; the filter then calibrates on general val labelled with the same views. For each set of ``--scales`` this
-script writes params that differ from ``--params`` in ``pseudo_label.tta_scales`` only. It runs the stage scripts ``pseudo_label`` (with the ``dvc repro``
-teacher, ``models/teacher``) and ``filter`` (no decisions) into ``--work/scales<tag>/``. Then it plays the reviewer
+script writes params that differ from ``--params`` in ``pseudo_label.tta_scales`` only. It runs the stage scripts
+``pseudo_label`` (with the ``dvc repro`` teacher, ``models/teacher``) and ``filter`` (no decisions) into ``--work/scales<tag>/``. Then it plays the reviewer
 of the audit sample (:func:`dataengine.review.oracle.simulate_review`, decisions from the pool's hidden labels, as
 ``benchmarks/recalibration.py`` does) and re-runs ``filter`` on those decisions.
 
