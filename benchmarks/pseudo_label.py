@@ -9,6 +9,12 @@ multiply-add = 2; see :mod:`dataengine.models.flops`). ``forward_ms_per_image`` 
 1 and batched: its ratio is the ceiling of the end-to-end speedup, which the per-image work both paths share (box
 fusion, PNG encoding, JSON) dilutes.
 
+The batched path is the stage's labeller as it runs: channels_last, BatchNorm folded into the convolutions
+(:func:`~dataengine.models.fold_batchnorm`) and box fusion over the whole batch
+(:func:`~dataengine.pseudo.fuse_boxes_batch`). The naive loop runs the model as loaded and fuses one image at a time
+(the same floats). Two ablations of the batched path run in the same rounds: ``batched_contiguous`` (channels_last
+off) and ``batched_unfolded`` (BatchNorm not folded).
+
 The CPU may be shared with other jobs, so the two paths alternate over ``--rounds`` blocks of the images (B, N, B, N
 ...) and each path's rate is its images over its summed time: a load spike hits both. The load average before and
 after is recorded with the result.
@@ -42,7 +48,7 @@ from dataengine.data.layout import PreparedLayout
 from dataengine.data.transforms import Letterbox
 from dataengine.engine.checkpoint import load_model
 from dataengine.io import atomic_write_json, safe_join
-from dataengine.models import count_gflops, create_model
+from dataengine.models import count_gflops, create_model, fold_batchnorm
 from dataengine.pseudo import (
     ViewBoxes,
     adapt_batchnorm,
@@ -188,7 +194,7 @@ def main() -> int:
         params = dataclasses.replace(params, adapt_bn=False)
 
     blocks = [files[i :: args.rounds] for i in range(args.rounds)]
-    seconds = {"batched": 0.0, "batched_contiguous": 0.0, "naive": 0.0}
+    seconds = {"batched": 0.0, "batched_contiguous": 0.0, "batched_unfolded": 0.0, "naive": 0.0}
     agreement: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp:
         # Untimed warm-up of both paths (allocator, oneDNN primitives for each input shape, page cache of the images).
@@ -196,14 +202,14 @@ def main() -> int:
                      categories=cats, progress=False)
         naive_label(model, layout.pool_images, files[:2], params, Path(tmp) / "warm-up-naive")
         for r, block in enumerate(blocks):
-            for path in ("batched", "naive", "batched_contiguous"):
+            for path in ("batched", "naive", "batched_contiguous", "batched_unfolded"):
                 out = Path(tmp) / f"{path}-{r}"
                 t = time.perf_counter()
                 if path == "naive":
                     naive = naive_label(model, layout.pool_images, block, params, out)
                 else:
                     label_images(model, layout.pool_images, block, params, out, categories=cats, progress=False,
-                                 channels_last=path == "batched")
+                                 channels_last=path != "batched_contiguous", fold_bn=path != "batched_unfolded")
                 seconds[path] += time.perf_counter() - t
                 print(f"round {r}: {path} {len(block) / (time.perf_counter() - t):.2f} img/s", file=sys.stderr)
             agreement.append(_agreement(Path(tmp) / f"batched-{r}", naive))
@@ -212,7 +218,9 @@ def main() -> int:
     forward = {"batch_1_contiguous": forward_ms_per_image(model, views, 1, False),
                "batch_1_channels_last": forward_ms_per_image(model, views, 1, True),
                f"batch_{params.batch_size}_contiguous": forward_ms_per_image(model, views, params.batch_size, False),
-               f"batch_{params.batch_size}_channels_last": forward_ms_per_image(model, views, params.batch_size, True)}
+               f"batch_{params.batch_size}_channels_last": forward_ms_per_image(model, views, params.batch_size, True),
+               f"batch_{params.batch_size}_channels_last_folded": forward_ms_per_image(
+                   fold_batchnorm(model)[0], views, params.batch_size, True)}
 
     n = len(files)
     rates = {k: n / v for k, v in seconds.items()}
@@ -226,6 +234,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "batched_contiguous_images_per_second": round(rates["batched_contiguous"], 3),  # channels_last off
+        "batched_unfolded_images_per_second": round(rates["batched_unfolded"], 3),  # BatchNorm not folded
         "images": n,
         "views": [{"size": v.size, "flip": v.flip} for v in views],
         "gflops_per_image": round(gflops_per_image, 4),

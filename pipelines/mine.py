@@ -47,20 +47,21 @@ def main() -> int:
 
     start = time.perf_counter()
     params = load_params(args.params, ["mine"]).mine
+    layout = PreparedLayout(args.data)
     decisions = load_decisions(args.decisions)
     review_queue = read_json(args.review_queue)
     if not isinstance(review_queue, list):
         raise SystemExit(f"mine: {args.review_queue}: expected a list of review records (filter stage output)")
     teacher = None
     if "general" in params.sources:
-        names = list(CategoryMap.from_coco(load_coco(PreparedLayout(args.data).general_train)).names)
+        names = list(CategoryMap.from_coco(load_coco(layout.general_train)).names)
         teacher, _ = load_model(args.teacher, lambda c: create_model(**c), class_names=names)
     result = mine_hard_negatives(params, data_root=args.data, curated=args.curated, pseudo=args.pseudo,
                                  decisions=decisions, review_queue=review_queue, teacher=teacher,
                                  progress=not args.no_progress)
     write_mined(result, args.out)
     metrics = mining_metrics(result)
-    hidden = PreparedLayout(args.data).pool_hidden
+    hidden = layout.pool_hidden
     if hidden.is_file() and "scenario" in result.images:  # diagnostic only: written after every decision above
         metrics["hidden_label_check"] = regions_against_hidden(result.images["scenario"], load_coco(hidden))
         check = metrics["hidden_label_check"]

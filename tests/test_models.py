@@ -19,6 +19,7 @@ from dataengine.models import (
     count_gflops,
     count_params_m,
     create_model,
+    fold_batchnorm,
     list_models,
     pretrained_path,
 )
@@ -304,6 +305,28 @@ def test_pretrained_loads_from_the_local_cache(tmp_path: Path, monkeypatch: pyte
     first_conv = model.backbone.stages[0][0][0].weight
     assert torch.equal(first_conv, reference.features[0][0].weight)
     assert "pretrained" not in model.config  # a rebuilt model takes its weights from the checkpoint
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_folded_batchnorm_gives_the_same_outputs(name: str) -> None:
+    torch.manual_seed(1)
+    model = create_model(name, num_classes=K, input_size=S)
+    for module in model.modules():  # statistics and affine terms far from the identity, so a wrong fold shows
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    model.train()
+    folded, count = fold_batchnorm(model)
+    left = [n for n, m in folded.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert count > 0 and all(".norms." in n for n in left), left  # only the head's per-level norms stay
+    assert model.training and sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == count + len(left)
+    x = torch.rand(2, 3, S, S)
+    with torch.inference_mode():
+        expected, got = model.eval()(x), folded(x)
+    for key in ("cls_logits", "bbox_dist", "seg_logits"):
+        assert torch.allclose(got[key], expected[key], atol=1e-4, rtol=1e-4), key
 
 
 def test_gflops_student_is_under_a_tenth_of_the_demo_teacher() -> None:

@@ -35,6 +35,7 @@ from dataengine.pseudo import (
     ViewBoxes,
     encode_segmentation,
     fuse_boxes,
+    fuse_boxes_batch,
     label_images,
     tta_views,
     view_boxes_to_original,
@@ -92,6 +93,83 @@ def test_fusion_missing_view_counts_zero_and_one_box_per_view() -> None:
     assert fused.scores.tolist() == sorted(fused.scores.tolist(), reverse=True)
     empty = fuse_boxes([_view([], [], [])], 0.5)
     assert len(empty) == 0 and empty.boxes.shape == (0, 4)
+
+
+def _reference_fusion(views: list[ViewBoxes], thr: float) -> list[tuple[Any, ...]]:
+    """The module docstring's algorithm, one box at a time in plain Python: the oracle of the vectorised code."""
+    def iou(a: list[float], b: list[float]) -> float:
+        inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0.0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0.0)
+        area = lambda r: max(r[2] - r[0], 0.0) * max(r[3] - r[1], 0.0)  # noqa: E731
+        return inter / max(area(a) + area(b) - inter, 1e-12)
+
+    boxes = [(b, s, lab, v, j) for v, view in enumerate(views)
+             for j, (b, s, lab) in enumerate(zip(view.boxes.tolist(), view.scores.tolist(), view.labels.tolist()))]
+    boxes.sort(key=lambda r: (-r[1], r[3], r[4]))  # decreasing score; ties: view order, then the view's own order
+    rows = []
+    for label in sorted({r[2] for r in boxes}):
+        clusters: list[dict[str, Any]] = []
+        for box, score, _, view, _ in (r for r in boxes if r[2] == label):
+            free = [(iou(box, c["fused"]), -i) for i, c in enumerate(clusters) if view not in c["members"]]
+            best = max(free, default=(-1.0, 0))
+            if best[0] > thr:
+                c = clusters[-best[1]]
+            else:
+                c = {"fused": box, "members": {}, "sum": [0.0] * 4, "weight": 0.0}
+                clusters.append(c)
+            c["members"][view] = (box, score)
+            c["sum"] = [t + score * x for t, x in zip(c["sum"], box)]
+            c["weight"] += score
+            if c["weight"] > 0:
+                c["fused"] = [t / c["weight"] for t in c["sum"]]
+        for c in clusters:
+            per_view = [c["members"].get(v, (None, 0.0)) for v in range(len(views))]
+            view_scores = [s for _, s in per_view]
+            ious = [iou(c["fused"], b) if b is not None else 0.0 for b, _ in per_view]
+            rows.append((sum(view_scores) / len(views), label, c["fused"], sum(ious) / len(views),
+                         float(np.std(view_scores)), len(c["members"])))
+    return sorted(rows, key=lambda r: (-r[0], r[1], *r[2]))
+
+
+def _random_views(rng: np.random.Generator, n_views: int = 4) -> list[ViewBoxes]:
+    """Views of a crowded image: every object seen by most views with jitter, plus junk; scores with ties."""
+    objects = rng.uniform(0, 200, (int(rng.integers(0, 25)), 2))
+    views = []
+    for _ in range(n_views):
+        seen = objects[rng.random(len(objects)) < 0.8]
+        sizes = rng.uniform(4, 30, (len(seen), 2))
+        boxes = np.concatenate([seen, seen + sizes], 1) + rng.normal(0, 1.5, (len(seen), 4))
+        junk = rng.uniform(0, 200, (int(rng.integers(0, 10)), 2))
+        boxes = np.concatenate([boxes, np.concatenate([junk, junk + rng.uniform(1, 20, (len(junk), 2))], 1)])
+        scores = np.round(rng.uniform(0, 1, len(boxes)) * 20) / 20  # multiples of 0.05: many equal scores
+        views.append(_view(boxes.tolist(), scores.tolist(), rng.integers(0, 4, len(boxes)).tolist()))
+    return views
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fusion_matches_one_box_at_a_time_and_batches_are_bit_identical(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    images = [_random_views(rng) for _ in range(12)]
+    batched = fuse_boxes_batch(images, 0.55)
+    for views, fused in zip(images, batched):
+        expected = _reference_fusion(views, 0.55)
+        assert len(fused) == len(expected)
+        for row, exp in zip(zip(fused.scores.tolist(), fused.labels.tolist(), fused.boxes.tolist(),
+                                fused.consistency.tolist(), fused.score_std.tolist(), fused.views.tolist()),
+                            expected):
+            assert row[1] == exp[1] and row[5] == exp[5]
+            assert [row[0], *row[2], row[3], row[4]] == pytest.approx([exp[0], *exp[2], exp[3], exp[4]], abs=1e-9)
+        alone = fuse_boxes(views, 0.55)  # one image at a time: the very same floats
+        for field in ("boxes", "scores", "labels", "consistency", "score_std", "views"):
+            assert torch.equal(getattr(alone, field), getattr(fused, field)), field
+
+
+def test_fusion_batch_refuses_mixed_view_counts_and_bad_thresholds() -> None:
+    v = _view([[0, 0, 4, 4]], [0.5], [0])
+    with pytest.raises(ValueError, match="image 1 has 1 views, image 0 has 2"):
+        fuse_boxes_batch([[v, v], [v]], 0.5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\), got 1.5"):
+        fuse_boxes([v], 1.5)
+    assert fuse_boxes_batch([], 0.5) == []
 
 
 def test_tta_views_round_to_multiples_of_32_and_refuse_collisions() -> None:
@@ -506,6 +584,9 @@ def test_streamed_predictions_file_is_exactly_the_json_of_the_merged_chunks(tmp_
     for files, out in ((sorted(p.name for p in root.iterdir()), tmp_path / "out"), ([], tmp_path / "empty")):
         stats = label_images(BrightBoxModel(), root, files, params, out, progress=False)
         chunks = [json.loads(p.read_text()) for p in sorted((out / "chunks").glob("*.json"))] if files else []
+        for chunk in chunks:
+            chunk["boxes"] = json.loads(chunk["boxes_json"])
+            assert chunk["box_count"] == len(chunk["boxes"])
         merged = {key: [r for c in chunks for r in c[key]] for key in ("images", "boxes", "skipped")}
         written = json.loads((out / "predictions.json").read_text())
         if files:
@@ -535,7 +616,8 @@ def test_merge_memory_does_not_grow_with_the_number_of_chunks(tmp_path: Path) ->
             atomic_write_json(out / "chunks" / f"chunk-{c:05d}.json", {
                 "format": CHUNK_FORMAT, "fingerprint": "f", "chunk": c, "files": files,
                 "images": [{"file_name": f, "width": 32, "height": 32, "seg": None} for f in files],
-                "boxes": [{"file_name": f, **box} for f in files for _ in range(20)], "skipped": []}, indent=None)
+                "box_count": 64 * 20, "skipped": [],
+                "boxes_json": json.dumps([{"file_name": f, **box} for f in files for _ in range(20)])}, indent=None)
             chunks.append(files)
         return chunks
 

@@ -11,6 +11,7 @@ Example:
 
 from dataengine.models.backbones import PretrainedWeightsMissing, build_backbone, pretrained_path
 from dataengine.models.flops import count_gflops, count_params_m
+from dataengine.models.fold import fold_batchnorm
 from dataengine.models.multitask import MultiTaskDetSeg
 from dataengine.models.registry import create_model, is_model, list_models, register_model
 
@@ -21,6 +22,7 @@ __all__ = [
     "count_gflops",
     "count_params_m",
     "create_model",
+    "fold_batchnorm",
     "is_model",
     "list_models",
     "pretrained_path",

@@ -10,7 +10,7 @@ Example:
 """
 
 from dataengine.pseudo.adapt import adapt_batchnorm
-from dataengine.pseudo.fusion import FusedBoxes, ViewBoxes, fuse_boxes
+from dataengine.pseudo.fusion import FusedBoxes, ViewBoxes, fuse_boxes, fuse_boxes_batch
 from dataengine.pseudo.label import (
     PREDICTIONS_FILE,
     SEG_SUFFIXES,
@@ -38,6 +38,7 @@ __all__ = [
     "encode_segmentation",
     "flip_image_regions",
     "fuse_boxes",
+    "fuse_boxes_batch",
     "label_images",
     "predict_batch",
     "run_fingerprint",
