@@ -215,12 +215,18 @@ def main() -> int:
             agreement.append(_agreement(Path(tmp) / f"batched-{r}", naive))
     after = _peaks()  # once more after the runs: the best of two reads of a shared CPU
     peaks = {k: max(peaks[k], after[k]) for k in peaks}
-    forward = {"batch_1_contiguous": forward_ms_per_image(model, views, 1, False),
-               "batch_1_channels_last": forward_ms_per_image(model, views, 1, True),
-               f"batch_{params.batch_size}_contiguous": forward_ms_per_image(model, views, params.batch_size, False),
-               f"batch_{params.batch_size}_channels_last": forward_ms_per_image(model, views, params.batch_size, True),
-               f"batch_{params.batch_size}_channels_last_folded": forward_ms_per_image(
-                   fold_batchnorm(model)[0], views, params.batch_size, True)}
+    # The network alone, each setting timed once per round over 3 rounds (a load spike then hits one round of
+    # each, not one setting): the median of its 3 round timings.
+    folded = fold_batchnorm(model)[0]
+    bs = params.batch_size
+    settings = {"batch_1_contiguous": (model, 1, False), "batch_1_channels_last": (model, 1, True),
+                f"batch_{bs}_contiguous": (model, bs, False), f"batch_{bs}_channels_last": (model, bs, True),
+                f"batch_{bs}_channels_last_folded": (folded, bs, True)}
+    timings: dict[str, list[float]] = {k: [] for k in settings}
+    for _ in range(3):
+        for key, (net, batch, channels_last) in settings.items():
+            timings[key].append(forward_ms_per_image(net, views, batch, channels_last, repeats=1))
+    forward = {k: sorted(v)[1] for k, v in timings.items()}
 
     n = len(files)
     rates = {k: n / v for k, v in seconds.items()}
