@@ -173,7 +173,6 @@ def fuse_boxes_batch(images: Sequence[Sequence[ViewBoxes]], iou_threshold: float
     weighted = np.zeros((n_groups, m, 4))  # score-weighted corner sums (the paper's Eq. 2 numerator)
     weight = np.zeros((n_groups, m))  # score sums
     member = np.full((n_groups, m, n_views), -1, dtype=np.int64)  # index of each view's box in a cluster, -1 if none
-    taken = np.zeros((n_groups, n_views, m), dtype=bool)  # cluster already holds a box of this view
     n = np.zeros(n_groups, dtype=np.int64)  # clusters per row so far
     flat_fused, flat_weighted, flat_weight = fused.reshape(-1, 4), weighted.reshape(-1, 4), weight.reshape(-1)
     for k in range(m):
@@ -185,7 +184,7 @@ def fuse_boxes_batch(images: Sequence[Sequence[ViewBoxes]], iou_threshold: float
         best = np.full(a, -1, dtype=np.int64)
         if width:
             ious = _iou(box[:, None], fused[:a, :width])  # [A, width]
-            ious[taken[rows, view, :width]] = -1.0  # one box per view and cluster
+            ious[member[rows, :width, view] >= 0] = -1.0  # one box per view and cluster: [A, width]
             top = ious.argmax(1)  # the first of equal IoUs, as one box at a time
             best = np.where(ious[rows, top] > iou_threshold, top, -1)
         new = best < 0
@@ -194,7 +193,6 @@ def fuse_boxes_batch(images: Sequence[Sequence[ViewBoxes]], iou_threshold: float
         flat = rows * m + best  # [A] distinct cells of the [G, m] clusters
         flat_fused[flat[new]] = box[new]  # kept as is if every member scores 0 (nothing to weight by)
         member[rows, best, view] = i
-        taken[rows, view, best] = True
         flat_weighted[flat] += score[:, None] * box
         flat_weight[flat] += score
         positive = flat[flat_weight[flat] > 0]
