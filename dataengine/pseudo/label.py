@@ -430,10 +430,10 @@ def label_images(
     are skipped with a warning on stderr, counted and listed (``stats["skipped_files"]`` and ``predictions.json``).
 
     Args:
-        model: The teacher (:class:`~dataengine.models.MultiTaskDetSeg`), on the device to run on; it is put in
-            eval mode and its memory format is restored afterwards. With ``params.adapt_bn`` a copy labels, its
-            BatchNorm statistics re-estimated on these images (:mod:`~dataengine.pseudo.adapt`); ``model`` is
-            left as it was.
+        model: The teacher (:class:`~dataengine.models.MultiTaskDetSeg`), on the device to run on. A copy labels
+            with ``fold_bn`` (the default) or ``params.adapt_bn`` (its BatchNorm statistics re-estimated on these
+            images, :mod:`~dataengine.pseudo.adapt`), and ``model`` is left as it was; with neither, ``model``
+            itself is put in eval mode and its memory format is restored afterwards.
         image_root: Folder the file names are relative to.
         files: Image paths relative to ``image_root`` (any order: they are sorted; duplicates are refused).
         params: The ``pseudo_label`` params; ``segmentation=False`` skips the masks (e.g. for calibration images).
@@ -442,8 +442,9 @@ def label_images(
         channels_last: Run the network on NHWC tensors (default ``True``: oneDNN's and cuDNN's native layout; the
             demo teacher's batched forward is ~30% faster on this CPU, see ``benchmarks/pseudo_label.py``).
         fold_bn: Label with a copy whose BatchNorms are folded into their convolutions
-            (:func:`~dataengine.models.fold_batchnorm`): the same network up to float rounding, with ~10% less
-            forward time on the demo teacher; ``model`` is left as it was.
+            (:func:`~dataengine.models.fold_batchnorm`): the same network up to float rounding. On the demo
+            teacher (2 CPU cores) the forward pass alone was 9-13 % faster in two of three timings and 2 % slower
+            in the third; end to end the gain was within the host's noise (README, pseudo-label benchmark).
         progress: Show a progress bar (images/s) on rank 0.
 
     Returns:
