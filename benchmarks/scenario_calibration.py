@@ -110,23 +110,24 @@ def subset(coco: dict[str, Any], predictions: dict[str, Any], files: list[str]) 
 
 def summarise(metrics: dict[str, Any], bar: float) -> dict[str, Any]:
     """One filter run's accepted band: per class count and true precision, recall, the lowest precision among
-    classes with at least :data:`MIN_ACCEPTED` labels, and whether it meets ``bar``.
+    classes with at least :data:`MIN_ACCEPTED` labels (and that class), and whether it meets ``bar``.
 
     Example:
         >>> m = {"accepted": 40, "per_class": {"a": {"accepted": 30}, "b": {"accepted": 10}},
         ...      "true_precision": {"a": 0.9, "b": 0.5, "overall": 0.8}, "true_recall": {"overall": 0.4}}
         >>> s = summarise(m, 0.85)
-        >>> s["lowest"], s["meets_bar"]
-        (0.9, True)
+        >>> s["lowest"], s["lowest_class"], s["meets_bar"]
+        (0.9, 'a', True)
     """
     per_class = {name: {"accepted": c["accepted"], "true_precision": metrics["true_precision"][name]}
                  for name, c in metrics["per_class"].items()}
-    counted = [c["true_precision"] for c in per_class.values()
-               if c["accepted"] >= MIN_ACCEPTED and c["true_precision"] is not None]
-    lowest = min(counted) if counted else None
+    counted = {name: c["true_precision"] for name, c in per_class.items()
+               if c["accepted"] >= MIN_ACCEPTED and c["true_precision"] is not None}
+    lowest_class = min(counted, key=counted.__getitem__, default=None)
+    lowest = None if lowest_class is None else counted[lowest_class]
     return {"per_class": per_class, "accepted": metrics["accepted"],
             "true_precision": metrics["true_precision"]["overall"], "true_recall": metrics["true_recall"]["overall"],
-            "lowest": lowest, "meets_bar": lowest is not None and lowest >= bar}
+            "lowest": lowest, "lowest_class": lowest_class, "meets_bar": lowest is not None and lowest >= bar}
 
 
 def build_labelled_copy(demo: DemoParams, n_extra: int, work: Path, reuse: bool, data: Path = ROOT / DATA) -> Path:

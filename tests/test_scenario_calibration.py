@@ -77,8 +77,9 @@ def test_summarise_counts_only_classes_with_20_accepted_and_compares_with_the_ba
                "true_precision": {"a": 0.849, "b": 0.1, "c": 0.95, "overall": 0.8},
                "true_recall": {"overall": 0.5}}
     s = sc.summarise(metrics, 0.85)
-    assert s["lowest"] == 0.849 and not s["meets_bar"]
+    assert s["lowest"] == 0.849 and s["lowest_class"] == "a" and not s["meets_bar"]
     metrics["true_precision"]["a"] = 0.85
     assert sc.summarise(metrics, 0.85)["meets_bar"]
     metrics["true_precision"] = {"a": None, "b": None, "c": None, "overall": None}
-    assert sc.summarise(metrics, 0.85)["lowest"] is None and not sc.summarise(metrics, 0.85)["meets_bar"]
+    s = sc.summarise(metrics, 0.85)
+    assert s["lowest"] is None and s["lowest_class"] is None and not s["meets_bar"]
