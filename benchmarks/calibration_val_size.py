@@ -25,7 +25,7 @@ diagnostics only, as in the pipeline.
 Needs ``dvc repro`` up to ``pseudo_label`` (``data/prepared`` of the demo, ``models/teacher``, ``data/pseudo``).
 
 Usage:
-    python benchmarks/calibration_val_size.py                         # 150 300 600: about 3 min on 2 CPU cores
+    python benchmarks/calibration_val_size.py                         # 150 300 600: about 5 min on 2 CPU cores
     python benchmarks/calibration_val_size.py --teacher T/model.pt --pseudo T/pseudo --out benchmarks/results/x.json
 """
 
@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dataengine.config import load_params  # noqa: E402
+from dataengine.config import Params, load_params  # noqa: E402
 from dataengine.data.coco import CategoryMap, load_coco  # noqa: E402
 from dataengine.data.demo import generate_demo  # noqa: E402
 from dataengine.data.layout import PreparedLayout  # noqa: E402
@@ -93,8 +93,11 @@ def _link(target: Path, link: Path) -> None:
 
 
 def run_size(n: int, extended_val: dict[str, Any], extended_root: Path, layout: PreparedLayout, pseudo: Path,
-             model: Any, params_path: Path, work: Path) -> dict[str, Any]:
-    """Label the first ``n`` val images and filter the pool with them; the size's summary."""
+             model: Any, params_path: Path, params: Params, bar: float, work: Path) -> dict[str, Any]:
+    """Label the first ``n`` val images and filter the pool with them; the size's summary.
+
+    ``params`` are ``params_path`` loaded (the filter stage reads the file itself); ``bar`` is issue 4's bar.
+    """
     run = work / f"val{n}"
     prepared, out = run / "prepared", run / "none"
     (prepared / "general").mkdir(parents=True, exist_ok=True)
@@ -103,7 +106,6 @@ def run_size(n: int, extended_val: dict[str, Any], extended_root: Path, layout: 
     val = val_subset(extended_val, n)
     atomic_write_json(prepared / "general" / "val.json", val)
     _link(pseudo / "pool", run / "pseudo" / "pool")
-    params = load_params(params_path, ["pseudo_label", "filter"])
     cats = CategoryMap.from_coco(val)
     # As pipelines/pseudo_label.py labels val: the stage's params without masks.
     stats = label_images(model, extended_root, [im["file_name"] for im in val["images"]],
@@ -112,7 +114,6 @@ def run_size(n: int, extended_val: dict[str, Any], extended_root: Path, layout: 
     write_decisions(out / "decisions.json", empty_decisions())
     subprocess.run(filter_command(params_path, run, out / "decisions.json", out, prepared), cwd=ROOT, check=True)
     metrics = read_json(out / "pseudo.json")
-    bar = round(params.filter.target_precision - 0.05, 4)
     calibration = read_json(out / "filtered" / "calibration.json")["classes"]
     names = [*metrics["per_class"], "overall"]
     return {"val_images": n, "val_boxes": stats["boxes"],
@@ -138,6 +139,7 @@ def main() -> int:
     args = parser.parse_args()
     params = load_params(ROOT / args.params, ["data", "pseudo_label", "filter"])
     layout, work = PreparedLayout(ROOT / args.data), ROOT / args.work
+    bar = round(params.filter.target_precision - 0.05, 4)
     for path, what in ((layout.pool_hidden, "the demo's hidden pool labels"), (ROOT / args.teacher, "the teacher"),
                        (ROOT / args.pseudo / "pool" / "predictions.json", "the pool's predictions")):
         if not path.is_file():
@@ -160,7 +162,7 @@ def main() -> int:
     results = {}
     for n in args.sizes:
         results[str(n)] = summary = run_size(n, extended_val, extended / "general" / "images", layout,
-                                             ROOT / args.pseudo, model, ROOT / args.params, work)
+                                             ROOT / args.pseudo, model, ROOT / args.params, params, bar, work)
         b = summary["bar"]
         print(f"[calibration_val_size] val {n}: lowest class {b['lowest_class']} {b['lowest']}, "
               f"meets the bar: {b['meets_bar']}; overall {b['accepted']} accepted, precision {b['true_precision']}, "
@@ -168,8 +170,7 @@ def main() -> int:
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
                     "cpu": machine_info()["cpu"], "commit": git_commit(ROOT), "params": str(args.params),
                     "teacher": str(args.teacher), "data": str(args.data), "pseudo": str(args.pseudo),
-                    "original_val_images": len(original["images"]),
-                    "bar": round(params.filter.target_precision - 0.05, 4)},
+                    "original_val_images": len(original["images"]), "bar": bar},
            "sizes": results}
     atomic_write_json(ROOT / args.out, out)
     print(f"wrote {args.out}")
