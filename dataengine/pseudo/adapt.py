@@ -22,7 +22,7 @@ receive rank 0's statistics (:func:`~dataengine.engine.distributed.broadcast_mod
 same network whatever the number of ranks.
 
 Example:
-    >>> views = tta_views(128, (1.0, 1.25), hflip=True)
+    >>> views = tta_views(128, (1.0, 1.25), hflip=True)  # doctest: +SKIP
     >>> adapted, info = adapt_batchnorm(model, "data/prepared/scenario/pool", files, views,
     ...                                 out_dir="data/pseudo/pool")  # doctest: +SKIP
     >>> info["images"], info["layers"]  # doctest: +SKIP
