@@ -73,20 +73,41 @@ def test_single_outcome_class_gives_constant_probability() -> None:
         fit_calibrator(np.array([]), np.array([]), np.array([], dtype=bool))
 
 
-def test_predict_reproduces_sklearn_isotonic_and_survives_json() -> None:
+def test_predict_is_sklearn_isotonic_at_val_boxes_and_its_lower_step_between_them() -> None:
     val = _synthetic(500, seed=4)
     cal = fit_calibrator(val.scores, val.consistency, val.correct)
     logit = np.log(np.clip(val.scores, 1e-6, 1 - 1e-6) / (1 - np.clip(val.scores, 1e-6, 1 - 1e-6)))
     z = cal.coef_score * logit + cal.coef_consistency * val.consistency + cal.intercept
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(z, val.correct)
+    # At the val boxes themselves: exactly scikit-learn's fitted values.
+    np.testing.assert_allclose(cal.predict(val.scores, val.consistency), iso.predict(z), atol=1e-12)
+    # Anywhere else: the step function read from the left, never above scikit-learn's linear interpolation.
     grid_s, grid_c = np.linspace(0, 1, 57), np.linspace(0.2, 1, 57)
     z_grid = cal.coef_score * np.log(np.clip(grid_s, 1e-6, 1 - 1e-6) / (1 - np.clip(grid_s, 1e-6, 1 - 1e-6)))
     z_grid = z_grid + cal.coef_consistency * grid_c + cal.intercept
-    np.testing.assert_allclose(cal.predict(grid_s, grid_c), iso.predict(z_grid), atol=1e-12)
+    p_grid = cal.predict(grid_s, grid_c)
+    assert np.all(p_grid <= iso.predict(z_grid) + 1e-12)
+    below = np.searchsorted(iso.X_thresholds_, z_grid, side="right") - 1  # the last fitted z at or below each
+    np.testing.assert_allclose(p_grid, iso.y_thresholds_[np.clip(below, 0, None)], atol=1e-12)
 
     calibration = fit_calibration(val, ["cat"], FilterParams(min_calibration_boxes=10))
     again = Calibration.from_dict(json.loads(json.dumps(calibration.to_dict())))
     assert again == calibration
+
+
+def test_box_between_two_val_blocks_gets_the_lower_blocks_probability() -> None:
+    # Val: every box up to 0.3 wrong, every box from 0.8 right; no val box in between.
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.85, 0.9])
+    correct = np.array([False, False, False, True, True, True])
+    cal = fit_calibrator(scores, np.ones(6), correct)
+    gap = np.array([0.4, 0.55, 0.7, 0.79])
+    # Monotonicity only says such a box is at least as likely right as the 0.3 one: 0, not an interpolated guess.
+    assert cal.predict(gap, np.ones(4)).tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert cal.predict(np.array([0.05, 0.8, 0.95]), np.ones(3)).tolist() == [0.0, 1.0, 1.0]
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    z = cal.projection(scores, np.ones(6))
+    iso.fit(z, correct.astype(float))
+    assert np.all((iso.predict(cal.projection(gap, np.ones(4))) > 0.1))  # what linear interpolation would claim
 
 
 # ---------------------------------------------------------------------------------------------------------------

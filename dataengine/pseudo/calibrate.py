@@ -63,9 +63,17 @@ never reviewed; 0.774 precise); (b) *inside* the range, across a gap: the isoton
 and val said 0.17, at 0.976 (the `dvc repro` teacher on an Intel host: 521 squares accepted instead of 190, 0.835
 precise). :func:`dataengine.pseudo.filter.pool_thresholds` then applies the pool's own mix to the re-fitted ``p``.
 
+**Between two val blocks, the lower one's value** (:meth:`Calibrator.predict`). An isotonic fit is a step function
+defined at the boxes it was fitted on; scikit-learn's ``predict`` interpolates linearly between the blocks. The filter
+reads the steps from the left instead: a pool box whose ``z`` falls between the last val box of one block and the
+first of the next gets the lower block's value, the only one monotonicity guarantees, since no val box lies there.
+The interpolation priced boxes that general val says nothing about, and the pool raise then let them in on the
+strength of the boxes above them: on the demo, a teacher's top star block held 43 val boxes, all right (``p = 1``),
+the next one below 2 (``p = 0.5``); 69 pool stars fell between, were interpolated to 0.73 on average and accepted,
+and were right 0.61 of the time (accepted stars 0.793 precise; read from the left, 119 accepted at 0.899).
+
 The whole calibration serialises to JSON (:meth:`Calibration.to_dict`): logistic coefficients and the isotonic
-``X``/``y`` thresholds, from which :meth:`Calibrator.predict` reproduces scikit-learn's ``predict`` exactly (linear
-interpolation, clipped at the ends).
+``X``/``y`` thresholds, from which :meth:`Calibrator.predict` recomputes the step function exactly.
 
 Example:
     >>> import numpy as np
@@ -305,11 +313,22 @@ class Calibrator:
         return z + self.intercept
 
     def predict(self, scores: Sequence[float] | np.ndarray, consistency: Sequence[float] | np.ndarray) -> np.ndarray:
-        """Calibrated probabilities ``[N]`` for ``scores`` ``[N]`` and ``consistency`` ``[N]``."""
+        """Calibrated probabilities ``[N]`` for ``scores`` ``[N]`` and ``consistency`` ``[N]``.
+
+        The isotonic fit's step function read from the left: a box gets the value of the last fitted ``z`` at or
+        below its own (the first one's value below them all). At the boxes it was fitted on this is exactly
+        scikit-learn's ``predict``. Between two blocks of fitted boxes, where scikit-learn interpolates linearly, it
+        is the lower block's value: no fitted box lies there, and monotonicity guarantees only that much (see "Between
+        two val blocks" in the module docstring).
+
+        Example:
+            >>> cal = fit_calibrator(np.array([0.1, 0.3, 0.8, 0.9]), np.ones(4), np.array([0, 0, 1, 1]) > 0)
+            >>> cal.predict(np.array([0.3, 0.5, 0.8]), np.ones(3)).tolist()  # IsotonicRegression.predict: 0, 0.4, 1
+            [0.0, 0.0, 1.0]
+        """
         z = self.projection(scores, consistency)
-        # IsotonicRegression.predict with out_of_bounds="clip" is linear interpolation between its thresholds,
-        # constant beyond them: exactly np.interp.
-        return np.interp(z, np.asarray(self.iso_x), np.asarray(self.iso_y))
+        x, y = np.asarray(self.iso_x), np.asarray(self.iso_y)
+        return y[np.clip(np.searchsorted(x, z, side="right") - 1, 0, len(x) - 1)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"coef_logit_score": self.coef_score, "coef_consistency": self.coef_consistency,
