@@ -323,7 +323,7 @@ class Calibrator:
 
         Example:
             >>> cal = fit_calibrator(np.array([0.1, 0.3, 0.8, 0.9]), np.ones(4), np.array([0, 0, 1, 1]) > 0)
-            >>> cal.predict(np.array([0.3, 0.5, 0.8]), np.ones(3)).tolist()  # IsotonicRegression.predict: 0, 0.4, 1
+            >>> cal.predict(np.array([0.3, 0.5, 0.8]), np.ones(3)).tolist()  # IsotonicRegression.predict: 0, 0.38, 1
             [0.0, 0.0, 1.0]
         """
         z = self.projection(scores, consistency)
