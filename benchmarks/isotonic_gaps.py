@@ -118,8 +118,8 @@ def in_gap(accepted: dict[str, Any], calibration: Calibration, layout: PreparedL
     :func:`~dataengine.pseudo.filter.diagnostic_metrics` matches a band.
     """
     out = {}
-    for k, cls in enumerate(calibration.classes):
-        cid = CategoryMap.from_coco(accepted).ids[k]
+    ids = CategoryMap.from_coco(accepted).ids
+    for cls, cid in zip(calibration.classes, ids):
         anns = [a for a in accepted["annotations"] if a["category_id"] == cid]
         s = np.array([a["score"] for a in anns], dtype=np.float64)
         c = np.array([a["consistency"] for a in anns], dtype=np.float64)
