@@ -54,6 +54,9 @@ from dataengine.io import atomic_write_json, read_json  # noqa: E402
 from dataengine.profiles import merge  # noqa: E402
 from dataengine.review.decisions import empty_decisions, write_decisions  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
+from scenario_calibration import issue_bar  # noqa: E402  (issue 4's bar)
+
 
 def write_params(base: Path, rate: float, out: Path, seed: int | None = None) -> Path:
     """``base`` with ``data.demo.general_confuser_rate: rate`` (and ``teacher.train.seed: seed`` unless ``None``),
@@ -235,7 +238,7 @@ def main() -> int:
     target = params.filter.target_precision
     out = {"meta": {"date": datetime.date.today().isoformat(), "machine": platform.platform(),
                     "commit": git_commit(ROOT), "params": str(args.params), "target_precision": target,
-                    "bar": round(target - 0.05, 4), "teacher_seed": base_seed},
+                    "bar": issue_bar(target), "teacher_seed": base_seed},
            "rates": results}
     if by_seed:
         out["teacher_seeds"] = by_seed  # per rate: every seed's run ("runs") and [min, mean, max] per class

@@ -57,7 +57,7 @@ from dataengine.review.decisions import empty_decisions, write_decisions  # noqa
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
 from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU)
-from scenario_calibration import summarise  # noqa: E402  (issue 4's bar on one filter run)
+from scenario_calibration import issue_bar, summarise  # noqa: E402  (issue 4's bar on one filter run)
 from tta_scales import accepted_band, filter_command  # noqa: E402
 
 
@@ -139,7 +139,7 @@ def main() -> int:
     args = parser.parse_args()
     params = load_params(ROOT / args.params, ["data", "pseudo_label", "filter"])
     layout, work = PreparedLayout(ROOT / args.data), ROOT / args.work
-    bar = round(params.filter.target_precision - 0.05, 4)
+    bar = issue_bar(params.filter.target_precision)
     for path, what in ((layout.pool_hidden, "the demo's hidden pool labels"), (ROOT / args.teacher, "the teacher"),
                        (ROOT / args.pseudo / "pool" / "predictions.json", "the pool's predictions")):
         if not path.is_file():

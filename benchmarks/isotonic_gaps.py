@@ -59,7 +59,7 @@ from dataengine.pseudo.filter import diagnostic_metrics, filter_pseudo_labels, p
 
 sys.path.insert(0, str(ROOT / "benchmarks"))  # also when imported by file path (tests)
 from models import machine_info  # noqa: E402  (benchmarks/models.py: the CPU)
-from scenario_calibration import summarise  # noqa: E402  (issue 4's bar on one filter run)
+from scenario_calibration import issue_bar, summarise  # noqa: E402  (issue 4's bar on one filter run)
 
 READINGS = ("interpolate", "step")
 
@@ -143,7 +143,7 @@ def main() -> int:
     args = parser.parse_args()
     params = load_params(ROOT / args.params, ["filter"]).filter
     layout = PreparedLayout(ROOT / args.data)
-    bar = round(params.target_precision - 0.05, 4)
+    bar = issue_bar(params.target_precision)
     if not layout.pool_hidden.is_file():
         raise SystemExit(f"{layout.pool_hidden} not found: this benchmark needs the pool's hidden labels (the demo "
                          "or the bccd profile, after `dvc repro prepare`)")
